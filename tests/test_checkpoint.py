@@ -1,0 +1,133 @@
+"""Weights: official TS2-Net state dicts, our own checkpoint format, local CLIP files, and missing weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import TINY_CLIP, random_video, tiny_net
+
+from ts2cli.errors import CheckpointError, WeightsNotFoundError
+from ts2cli.model import ModelOptions, load_model, save_checkpoint
+from ts2cli.model.checkpoint import read_checkpoint
+
+OUR_TO_OFFICIAL = (
+    ("temporal.position.", "frame_position_embeddings."),
+    ("temporal.blocks.", "transformerClip.resblocks."),
+    ("selector.predictor.", "visual_token_selector.score_predictor."),
+)
+
+
+def official_state_dict(net) -> dict[str, torch.Tensor]:
+    """The reference's layout: CLIP matrices in fp16, `attn.net.` in the shifted blocks, unused modules present."""
+    blocks = len(net.clip.visual.transformer.resblocks)
+    shifted = {f"clip.visual.transformer.resblocks.{i}.attn." for i in range(blocks - 2, blocks)}
+    state = {}
+    for key, tensor in net.state_dict().items():
+        for ours, theirs in OUR_TO_OFFICIAL:
+            key = key.replace(ours, theirs)
+        for prefix in shifted:
+            key = key.replace(prefix, prefix + "net.")
+        matrix = key.startswith("clip.") and tensor.ndim >= 2 and "embedding" not in key
+        state[key] = tensor.half() if matrix else tensor.clone()
+    state["visual_prompt_encoder.conv1.weight"] = torch.zeros(3, 3)
+    state["text_token_selector.score_predictor.in_conv.1.bias"] = torch.zeros(3)
+    return state
+
+
+def rounded_like_official(net):
+    """The same model with its CLIP matrices rounded through fp16, as the official file stores them."""
+    state = {
+        k: v.half().float() if k.startswith("clip.") and v.ndim >= 2 and "embedding" not in k else v
+        for k, v in net.state_dict().items()
+    }
+    net.load_state_dict(state)
+    return net
+
+
+@pytest.mark.parametrize("compat", ["fixed", "official"])
+def test_official_checkpoint_loads_and_gives_identical_outputs(tmp_path, compat):
+    reference = rounded_like_official(tiny_net(compat=compat))
+    path = tmp_path / "pytorch_model.bin.4"
+    torch.save(official_state_dict(reference), path)
+
+    loaded = load_model(ModelOptions(checkpoint=path, compat=compat, device="cpu"))
+    assert loaded.config.zero_shot is False and loaded.identity["mode"] == "ts2net"
+    net = loaded.net
+    net.selector.samples = reference.selector.samples = 50
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(net.state_dict()[key], tensor), key
+    videos, mask = random_video(2, seed=2), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected, _ = reference.encode_video(videos, mask)
+        got, _ = net.encode_video(videos, mask)
+    assert torch.equal(got, expected)
+
+
+def test_official_checkpoint_with_unknown_keys_is_refused_with_their_names(tmp_path):
+    state = official_state_dict(tiny_net())
+    state["mystery.weight"] = torch.zeros(2)
+    path = tmp_path / "pytorch_model.bin.0"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"mystery\.weight"):
+        read_checkpoint(path)
+
+
+def test_checkpoint_that_does_not_fit_lists_the_keys(tmp_path):
+    state = official_state_dict(tiny_net())
+    del state["transformerClip.resblocks.0.ln_1.weight"]
+    state["transformerClip.resblocks.0.mlp.c_fc.weight"] = torch.zeros(5, 5)
+    path = tmp_path / "pytorch_model.bin.0"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(ModelOptions(checkpoint=path, device="cpu"))
+    message = str(error.value)
+    assert "temporal.blocks.0.ln_1.weight" in message and "temporal.blocks.0.mlp.c_fc.weight" in message
+    assert "\n" not in message
+
+
+def test_own_format_round_trips_bit_exactly(tmp_path):
+    net = tiny_net(seed=3)
+    path = tmp_path / "model.safetensors"
+    config = dataclasses.replace(net.config, provenance={"data": "unit test", "epochs": 0})
+    save_checkpoint(net, path, config)
+    loaded = load_model(ModelOptions(checkpoint=path, device="cpu"))
+    assert loaded.config == config and loaded.config.provenance == {"data": "unit test", "epochs": 0}
+    state = loaded.net.state_dict()
+    assert state.keys() == net.state_dict().keys()
+    for key, tensor in net.state_dict().items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    videos, mask = random_video(1, seed=4), torch.ones(1, 12, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(loaded.net.encode_video(videos, mask)[0], net.encode_video(videos, mask)[0])
+
+
+def test_text_only_loading_gives_the_same_text_features(tmp_path):
+    net = tiny_net(seed=5)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(net, path, net.config)
+    full = load_model(ModelOptions(checkpoint=path, device="cpu"))
+    text_only = load_model(ModelOptions(checkpoint=path, device="cpu"), text_only=True)
+    assert text_only.net.clip.visual is None and text_only.net.selector is None
+    queries = ["a red square moving left", "a dog"]
+    assert (full.encode_texts(queries)[0] == text_only.encode_texts(queries)[0]).all()
+
+
+def test_local_clip_weights_file_gives_a_zero_shot_model(tmp_path):
+    net = tiny_net(zero_shot=True, seed=6)
+    path = tmp_path / "clip-weights.pt"
+    torch.save({k.removeprefix("clip."): v.half() for k, v in net.state_dict().items()}, path)
+    loaded = load_model(ModelOptions(pretrained=str(path), backbone_cfg=TINY_CLIP, device="cpu"))
+    assert loaded.config.zero_shot and loaded.identity["mode"] == "zero-shot"
+    assert loaded.identity["clip_weights"].startswith("clip-weights.pt#")
+    assert loaded.net.clip.visual.conv1.weight.dtype == torch.float32  # fp16 files are cast on load
+
+
+def test_missing_weights_file_is_one_line_naming_the_option(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as error:
+        load_model(ModelOptions(pretrained=str(tmp_path / "nope.pt"), backbone_cfg=TINY_CLIP, device="cpu"))
+    assert "--pretrained" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="--checkpoint"):
+        load_model(ModelOptions(checkpoint=tmp_path / "nope.safetensors", device="cpu"))

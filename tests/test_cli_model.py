@@ -1,0 +1,39 @@
+"""The command line as a user runs it: a real subprocess, tiny model files written by the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from tiny_models import TINY_CLIP, tiny_net
+
+
+def run_ts2(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_version_and_help():
+    result = run_ts2("--version")
+    assert result.returncode == 0 and result.stdout.startswith("ts2 ")
+
+
+def test_model_report_says_zero_shot(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    weights = tmp_path / "tiny-clip.pt"
+    net = tiny_net(zero_shot=True)
+    torch.save({k.removeprefix("clip."): v for k, v in net.state_dict().items()}, weights)
+    result = run_ts2("model", "--model", str(config), "--pretrained", str(weights), "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mode"] == "zero-shot" and "zero-shot" in report["note"]
+    assert report["embed_dim"] == 64 and report["device"] == "cpu" and report["compat"] == "fixed"
+
+
+def test_missing_weights_is_one_line_and_non_zero(tmp_path):
+    result = run_ts2("model", "--pretrained", str(tmp_path / "missing.safetensors"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pretrained" in lines[0] and "Traceback" not in result.stderr

@@ -1,0 +1,3 @@
+from ts2cli.cli import main
+
+main()

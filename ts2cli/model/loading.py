@@ -1,0 +1,184 @@
+"""From the CLI's model options to a ready model on a device: the one place weights are resolved and loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import Ts2Error
+from .backbone import (
+    build_clip,
+    load_state,
+    looks_like_path,
+    model_config,
+    pretrained_quick_gelu,
+    read_state_dict,
+    resolve_pretrained,
+)
+from .checkpoint import read_checkpoint
+from .config import Compat, TS2Config
+from .precision import inference_dtype
+from .preprocess import PixelNorm, frames_to_tensor, pad_frames, tokenize
+from .ts2net import TS2Net
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a user chooses on any command that loads a model."""
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    """open_clip tag or local weights file; None builds random weights (tests and benchmarks only)."""
+    checkpoint: Path | None = None
+    device: str = "auto"
+    compat: Compat = "fixed"
+    frames: int = 12
+    quick_gelu: bool | None = None
+    """None: as the pretrained tag says; True for local files (TS2-Net is built on OpenAI CLIP)."""
+    backbone_cfg: dict[str, Any] | None = None
+    """An explicit open_clip config instead of ``model`` (tiny test models, custom ViTs)."""
+    zero_shot_shift: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Ts2Error("--device cuda was asked for, but no CUDA GPU is available; use --device cpu or auto.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise Ts2Error(f"Unknown --device '{name}'; use auto, cpu or cuda.")
+    return torch.device(name)
+
+
+@dataclass
+class LoadedModel:
+    net: TS2Net
+    config: TS2Config
+    device: torch.device
+    identity: dict[str, Any]
+    """What the library records to refuse mixing embeddings of different models."""
+    norm: PixelNorm = field(default_factory=PixelNorm)
+    dtype: torch.dtype | None = None
+    """Autocast dtype (fp16 on CUDA; bf16 on CPU only where it proved accurate), None for plain fp32."""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.net.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.net.image_size
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """(B, D) float32 text features and, per text, whether it was cut to the context length."""
+        tokens = tokenize(texts, self.config.words)
+        with self._autocast():
+            features = self.net.encode_text(tokens.ids.to(self.device))
+        return features.float().cpu().numpy(), tokens.truncated
+
+    def video_batch(self, videos: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frame stacks (n_i, S, S, 3) → padded (B, T, 3, S, S) pixels and (B, T) mask, on the CPU."""
+        padded = [pad_frames(frames_to_tensor(v, self.norm), self.config.frames, self.config.compat) for v in videos]
+        return torch.stack([p for p, _ in padded]), torch.stack([m for _, m in padded])
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T, D) float32 per-frame features and (B, T) bool mask for a padded batch."""
+        non_blocking = self.device.type == "cuda"
+        pixels = pixels.to(self.device, non_blocking=non_blocking)
+        mask = mask.to(self.device, non_blocking=non_blocking)
+        with self._autocast():
+            frames, frame_mask = self.net.encode_video(pixels, mask)
+        return frames.float().cpu().numpy(), frame_mask.bool().cpu().numpy()
+
+    def encode_videos(self, videos: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_pixels(*self.video_batch(videos))
+
+    def choose_precision(self, pixels: torch.Tensor, mask: torch.Tensor) -> None:
+        """Pick the autocast dtype from a real batch (see ``precision.inference_dtype``)."""
+        self.dtype = inference_dtype(self.net, self.device, pixels.to(self.device), mask.to(self.device))
+
+
+def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel:
+    """Build TS2-Net for ``options``: from a TS2-Net checkpoint when given, else zero-shot from CLIP weights.
+
+    ``text_only`` reads and keeps only the text tower, which is all a text query needs.
+    """
+    device = resolve_device(options.device)
+    if options.checkpoint is not None:
+        config, state = read_checkpoint(options.checkpoint, text_only=text_only)
+        config = dataclasses.replace(config, compat=options.compat, frames=options.frames)
+        net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
+        weights = {"checkpoint": _file_id(options.checkpoint)}
+    else:
+        config, net, weights = _zero_shot(options, text_only)
+    net.eval().to(device)
+    dtype = torch.float16 if device.type == "cuda" else None
+    identity = {**_identity(config, net), **weights}
+    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype)
+
+
+def _zero_shot(options: ModelOptions, text_only: bool) -> tuple[TS2Config, TS2Net, dict[str, Any]]:
+    pretrained = options.pretrained
+    quick_gelu = options.quick_gelu
+    if quick_gelu is None:
+        is_tag = pretrained is not None and not looks_like_path(pretrained) and not Path(pretrained).is_file()
+        quick_gelu = (pretrained_quick_gelu(options.model, pretrained) if is_tag else None) is not False
+    cfg = model_config(options.model, options.backbone_cfg, quick_gelu)
+    config = TS2Config(
+        backbone=options.model,
+        backbone_cfg=cfg,
+        quick_gelu=cfg["quick_gelu"],
+        frames=options.frames,
+        compat=options.compat,
+        zero_shot=True,
+        zero_shot_shift=options.zero_shot_shift,
+    )
+    if pretrained is None:
+        torch.manual_seed(0)
+        net = TS2Net(build_clip(cfg, initialise=True), config)
+        if text_only:
+            net.drop_video_parts()
+        return config, net, {"clip_weights": "random"}
+    path = resolve_pretrained(options.model, pretrained)
+    keep = (lambda k: not k.startswith("visual.")) if text_only else None
+    state = {f"clip.{k}": v for k, v in read_state_dict(path, keep).items()}
+    net = _assemble(config, state, source=str(path), text_only=text_only)
+    weights_id = pretrained if not Path(pretrained).expanduser().is_file() else _file_id(path)
+    return config, net, {"clip_weights": weights_id}
+
+
+def _assemble(config: TS2Config, state: dict[str, torch.Tensor], *, source: str, text_only: bool) -> TS2Net:
+    net = TS2Net(build_clip(config.backbone_cfg or {}, initialise=False), config)
+    if text_only:
+        net.drop_video_parts()
+    load_state(net, state, source=source)
+    return net
+
+
+def _file_id(path: Path) -> str:
+    from ..scan import fingerprint
+
+    return f"{Path(path).name}#{fingerprint(Path(path))[:16]}"
+
+
+def _identity(config: TS2Config, net: TS2Net) -> dict[str, Any]:
+    return {
+        "backbone": config.backbone,
+        "mode": "zero-shot" if config.zero_shot else "ts2net",
+        "compat": config.compat,
+        "frames": config.frames,
+        "top_k": None if config.zero_shot else config.top_k,
+        "token_shift": config.uses_token_shift,
+        "embed_dim": net.embed_dim,
+        "quick_gelu": config.quick_gelu,
+    }
