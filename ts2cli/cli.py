@@ -50,6 +50,12 @@ Compat = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+LibraryDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--library", help="Library folder (default: $TS2_HOME, else the user data folder).", show_default=False
+    ),
+]
 
 
 def model_options(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str):
@@ -112,6 +118,137 @@ def model_command(
         print_json(report)
     else:
         console.print(model_table(report))
+
+
+@app.command("index")
+def index_command(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index, searched recursively.")],
+    library: LibraryDir = None,
+    exclude: Annotated[list[str], typer.Option("--exclude", help="Skip files or folders matching this glob.")] = [],  # noqa: B006
+    hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Videos per model batch.")] = 8,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget the library's videos and re-index.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another ts2 index to finish.")] = 0.0,
+    commit_every: Annotated[int, typer.Option("--commit-every", min=1, hidden=True)] = 16,
+    model: ModelName = "ViT-B-32",
+    pretrained: Pretrained = "openai",
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    compat: Compat = "fixed",
+    as_json: JsonFlag = False,
+) -> None:
+    """Index the videos under FOLDERS: new and changed files are embedded, deleted ones removed."""
+    from .indexer import IndexOptions, index_folders
+    from .model import load_model
+    from .progress import IndexProgressBar
+    from .report import summary_table
+    from .scan import check_roots
+    from .store import Library
+
+    roots = check_roots(folders)
+    options = IndexOptions(
+        roots=roots,
+        exclude=tuple(exclude),
+        include_hidden=hidden,
+        batch_size=batch_size,
+        workers=workers,
+        rebuild=rebuild,
+        retry_failed=retry_failed,
+        commit_every=commit_every,
+    )
+    with Library.open(library, write=True, create=True, wait=wait) as lib:
+        loaded = load_model(model_options(model, pretrained, checkpoint, device, compat))
+        with IndexProgressBar(console, enabled=not as_json) as bar:
+            summary = index_folders(lib, loaded, options, bar)
+    if as_json:
+        print_json(summary.to_json())
+    else:
+        console.print(summary_table(summary, lib.directory))
+    if summary.indexed == 0 and summary.failed and summary.unchanged == 0 and summary.moved == 0:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(library: LibraryDir = None, as_json: JsonFlag = False) -> None:
+    """Where the library is, which model built it, how many videos, size on disk, failures."""
+    from .report import status_json, status_table
+    from .store import Library
+
+    with Library.open(library) as lib:
+        status = status_json(lib.stats())
+    if as_json:
+        print_json(status)
+    else:
+        console.print(status_table(status))
+
+
+app.command("info", help="Alias of status.")(status_command)
+
+
+@app.command("search")
+def search_command(
+    query: Annotated[str | None, typer.Argument(help="What happens in the video you are looking for.")] = None,
+    like: Annotated[Path | None, typer.Option("--like", help="Find videos similar to this video file.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Number of results.")] = 10,
+    candidates: Annotated[int, typer.Option("--candidates", min=1, help="ANN candidates re-ranked exactly.")] = 300,
+    within: Annotated[Path | None, typer.Option("--in", help="Only videos under this folder.")] = None,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this.")] = None,
+    paths: Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line.")] = False,
+    open_top: Annotated[bool, typer.Option("--open", help="Open the top result at its moment.")] = False,
+    library: LibraryDir = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Default: the library's model.", rich_help_panel="Model")
+    ] = None,
+    pretrained: Annotated[
+        str | None, typer.Option("--pretrained", help="Default: the library's.", rich_help_panel="Model")
+    ] = None,
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """Find the videos that best match QUERY (or --like VIDEO), with the moment that matched."""
+    from .report import results_table, search_json
+    from .search import SearchOptions, library_eps, rank, require_searchable
+    from .store import Library
+
+    if (query is None) == (like is None):
+        raise Ts2Error('Give a query or --like VIDEO, e.g. ts2 search "dog catching a frisbee".')
+    options = SearchOptions(limit=limit, candidates=candidates, within=within, min_score=min_score)
+    with Library.open(library) as lib:
+        require_searchable(lib)
+        chosen = None
+        if model or pretrained or checkpoint:
+            chosen = model_options(model or "ViT-B-32", pretrained or "openai", checkpoint, device, "fixed")
+        query_text, vector, exclude, notes, loaded = _query_vector(lib, query, like, chosen, device)
+        hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if as_json:
+        print_json(search_json(query_text, loaded.identity, hits))
+    elif paths:
+        sys.stdout.write("".join(f"{hit.path}\n" for hit in hits))
+    else:
+        console.print(results_table(hits) if hits else "No matching videos.")
+    if open_top and hits:
+        from .player import open_at
+
+        open_at(Path(hits[0].path), hits[0].moment.start)
+
+
+def _query_vector(lib, query, like, chosen, device):
+    from .query import load_library_model, text_query, video_query
+
+    if query is not None:
+        loaded = load_library_model(lib, chosen, device=device, text_only=True)
+        vector, notes = text_query(loaded, query)
+        return query, vector, None, notes, loaded
+    row = lib.get_by_path(str(Path(like).expanduser().resolve())) if Path(like).expanduser().is_file() else None
+    indexed = row is not None and row.status == "ok"
+    loaded = load_library_model(lib, chosen, device=device, text_only=indexed)
+    vector, exclude = video_query(lib, None if indexed else loaded, Path(like))
+    return f"like:{like}", vector, exclude, [], loaded
 
 
 def main() -> None:

@@ -30,3 +30,96 @@ def model_table(report: dict[str, Any]) -> Table:
     for key, value in report.items():
         table.add_row(key, "-" if value is None else str(value))
     return table
+
+
+def status_json(stats: Any) -> dict[str, Any]:
+    """``ts2 status --json``; the documented, stable fields are listed in docs/cli.md."""
+    model = stats.model or {}
+    return {
+        "library": str(stats.directory),
+        "model": {**model, "note": _model_note(model)} if model else None,
+        "videos": stats.videos_ok,
+        "failed": [{"path": path, "reason": reason} for path, reason in stats.failures],
+        "bytes": stats.bytes_on_disk,
+        "schema_version": stats.schema_version,
+    }
+
+
+def _model_note(model: dict[str, Any]) -> str:
+    return ZERO_SHOT_NOTE if model.get("mode") == "zero-shot" else "trained TS2-Net"
+
+
+def status_table(status: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    model = status["model"] or {}
+    table.add_row("library", status["library"])
+    table.add_row("model", _model_line(model) if model else "-")
+    table.add_row("videos", str(status["videos"]))
+    table.add_row("failed", str(len(status["failed"])))
+    table.add_row("size", _bytes(status["bytes"]))
+    for failure in status["failed"][:20]:
+        table.add_row("", f"[yellow]{failure['path']}[/yellow]: {failure['reason']}")
+    if len(status["failed"]) > 20:
+        table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
+    return table
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    weights = model.get("checkpoint") or model.get("clip_weights")
+    return f"{model.get('backbone')} ({weights}), {model.get('mode')}, compat {model.get('compat')}"
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def summary_table(summary: Any, library: Any) -> Table:
+    table = Table(title=f"Library {library}", show_header=False, box=None, pad_edge=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("indexed", str(summary.indexed))
+    table.add_row("unchanged", str(summary.unchanged))
+    table.add_row("moved or copied", str(summary.moved))
+    table.add_row("removed", str(summary.removed))
+    table.add_row("failed", str(len(summary.failed)))
+    for path, reason in summary.failed:
+        table.add_row("", f"[yellow]{path}[/yellow]: {reason}")
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    return table
+
+
+def search_json(query: str, identity: dict[str, Any], hits: list[Any]) -> dict[str, Any]:
+    """``ts2 search --json``; fields documented in docs/cli.md."""
+    model = {k: v for k, v in identity.items() if k != "source"}
+    return {"query": query, "model": {**model, "note": _model_note(model)}, "results": [h.to_json() for h in hits]}
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(max(seconds, 0.0), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
+
+
+def results_table(hits: list[Any]) -> Table:
+    from pathlib import Path
+    from urllib.parse import quote
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("score", justify="right")
+    table.add_column("moment", no_wrap=True)
+    table.add_column("length", justify="right", no_wrap=True)
+    table.add_column("video", overflow="fold")
+    for rank, hit in enumerate(hits, start=1):
+        link = "file://" + quote(Path(hit.path).as_posix())
+        moment = f"{clock(hit.moment.start)}–{clock(hit.moment.end)}"
+        length = clock(hit.duration) if hit.duration is not None else "-"
+        table.add_row(str(rank), f"{hit.score:.3f}", moment, length, f"[link={link}]{hit.path}[/link]")
+    return table

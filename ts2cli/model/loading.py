@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import Ts2Error
+from ..store import MODEL_SOURCE_KEY
 from .backbone import (
     build_clip,
     load_state,
@@ -45,6 +46,35 @@ class ModelOptions:
     zero_shot_shift: bool = False
 
 
+def model_source(options: ModelOptions) -> dict[str, Any]:
+    """What ``ts2 search`` needs to load the model a library was built with."""
+    checkpoint = str(Path(options.checkpoint).expanduser().resolve()) if options.checkpoint else None
+    pretrained = options.pretrained
+    if pretrained is not None and Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return {
+        "model": options.model,
+        "backbone_cfg": options.backbone_cfg,
+        "pretrained": pretrained,
+        "checkpoint": checkpoint,
+        "compat": options.compat,
+        "frames": options.frames,
+    }
+
+
+def options_from_source(source: dict[str, Any], device: str) -> ModelOptions:
+    checkpoint = source.get("checkpoint")
+    return ModelOptions(
+        model=source["model"],
+        backbone_cfg=source.get("backbone_cfg"),
+        pretrained=source.get("pretrained"),
+        checkpoint=Path(checkpoint) if checkpoint else None,
+        compat=source.get("compat", "fixed"),
+        frames=source.get("frames", 12),
+        device=device,
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +95,8 @@ class LoadedModel:
     norm: PixelNorm = field(default_factory=PixelNorm)
     dtype: torch.dtype | None = None
     """Autocast dtype (fp16 on CUDA; bf16 on CPU only where it proved accurate), None for plain fp32."""
+    precision_known: bool = False
+    """False until the first video batch has settled ``dtype`` (see ``choose_precision``)."""
 
     @property
     def embed_dim(self) -> int:
@@ -93,6 +125,8 @@ class LoadedModel:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, T, D) float32 per-frame features and (B, T) bool mask for a padded batch."""
+        if not self.precision_known:
+            self.choose_precision(pixels, mask)
         non_blocking = self.device.type == "cuda"
         pixels = pixels.to(self.device, non_blocking=non_blocking)
         mask = mask.to(self.device, non_blocking=non_blocking)
@@ -106,6 +140,7 @@ class LoadedModel:
     def choose_precision(self, pixels: torch.Tensor, mask: torch.Tensor) -> None:
         """Pick the autocast dtype from a real batch (see ``precision.inference_dtype``)."""
         self.dtype = inference_dtype(self.net, self.device, pixels.to(self.device), mask.to(self.device))
+        self.precision_known = True
 
 
 def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel:
@@ -122,9 +157,10 @@ def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel
     else:
         config, net, weights = _zero_shot(options, text_only)
     net.eval().to(device)
-    dtype = torch.float16 if device.type == "cuda" else None
-    identity = {**_identity(config, net), **weights}
-    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype)
+    cuda = device.type == "cuda"
+    identity = {**_identity(config, net), **weights, MODEL_SOURCE_KEY: model_source(options)}
+    dtype = torch.float16 if cuda else None
+    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=cuda)
 
 
 def _zero_shot(options: ModelOptions, text_only: bool) -> tuple[TS2Config, TS2Net, dict[str, Any]]:

@@ -1,0 +1,226 @@
+"""`ts2 index` end to end: real PyAV decoding, real SQLite and hnswlib, a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CLIP, tiny_net
+
+from ts2cli.errors import LibraryError
+from ts2cli.indexer import IndexOptions, index_folders
+from ts2cli.model import ModelOptions, load_model
+from ts2cli.store import Library
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu"))
+
+
+@pytest.fixture
+def library(tmp_path):
+    with Library.open(tmp_path / "library", write=True, create=True) as lib:
+        yield lib
+
+
+def index(library, model, *roots, **options):
+    return index_folders(library, model, IndexOptions(roots=list(roots), **options))
+
+
+def test_first_index_of_a_messy_folder(tmp_path, make_video, make_broken_files, library, model):
+    videos = tmp_path / "videos"
+    make_video("videos/h264.mp4", seconds=3, fps=10)
+    make_video("videos/sub dir/mpeg4 clip.AVI", seconds=2, fps=12, width=80, height=60)
+    make_video("videos/vp9.webm", seconds=1.5, fps=10)
+    make_video("videos/variable rate.mkv", seconds=3, fps=10, vfr=True)
+    make_video("videos/three frames.mov", num_frames=3, fps=10)
+    make_video("videos/long sparse.mp4", seconds=120, fps=1, width=48, height=32, gop=30)
+    make_video("videos/odd size.mp4", seconds=1, fps=10, width=70, height=38)
+    make_video("videos/.hidden.mp4", seconds=1)
+    broken = make_broken_files()
+    for name, path in broken.items():
+        shutil.copy(path, videos / f"broken-{name}{path.suffix}")
+
+    summary = index(library, model, videos)
+
+    assert summary.indexed + len(summary.failed) == 7 + len(broken)  # hidden file skipped
+    assert summary.indexed >= 7
+    failed = dict(summary.failed)
+    for name in ("empty", "random", "audio_only"):
+        matches = [p for p in failed if f"broken-{name}" in p]
+        assert len(matches) == 1, (name, failed)
+        assert failed[matches[0]] and "\n" not in failed[matches[0]]
+    three = library.get_by_path(str((videos / "three frames.mov").resolve()))
+    assert three.status == "ok" and len(three.frame_times) == 3
+    features = library.frame_features([three.id])[three.id]
+    assert features.shape == (3, 64)
+    long_row = library.get_by_path(str((videos / "long sparse.mp4").resolve()))
+    assert len(long_row.frame_times) == 12 and long_row.duration == pytest.approx(120, abs=1.5)
+    assert long_row.frame_times == sorted(long_row.frame_times) and long_row.frame_times[-1] > 100
+    stats = library.stats()
+    assert stats.videos_ok == summary.indexed and stats.videos_failed == len(summary.failed)
+
+
+def test_stored_features_equal_a_direct_forward_pass(tmp_path, make_video, library, model):
+    from ts2cli.decode import sample_frames
+
+    clip = make_video("v/clip.mp4", seconds=2, fps=10)
+    index(library, model, tmp_path / "v")
+    row = library.get_by_path(str(clip.path.resolve()))
+    stored = library.frame_features([row.id])[row.id]
+    direct, mask = model.encode_videos([sample_frames(clip.path, 12, model.image_size).frames])
+    np.testing.assert_allclose(stored, direct[0][mask[0]], rtol=2e-3, atol=2e-3)  # stored as fp16
+
+
+def test_reindex_is_incremental(tmp_path, make_video, library, model):
+    folder = tmp_path / "v"
+    make_video("v/a.mp4", seconds=1)
+    make_video("v/b.mp4", seconds=1, seed=1, vfr=True)
+    make_video("v/c.mp4", seconds=1, fps=8)
+    make_video("v/d.mp4", seconds=1, fps=6)
+    first = index(library, model, folder)
+    assert first.indexed == 4
+    ids = {p.name: library.get_by_path(str(p.resolve())).id for p in folder.iterdir()}
+    features_b = library.frame_features([ids["b.mp4"]])[ids["b.mp4"]]
+
+    second = index(library, model, folder)
+    assert (second.indexed, second.unchanged, second.moved, second.removed) == (0, 4, 0, 0)
+
+    make_video("v/a.mp4", seconds=2, fps=7)  # modified: re-embedded under the same id
+    (folder / "c.mp4").unlink()  # deleted
+    (folder / "b.mp4").rename(folder / "renamed b.mp4")  # moved: features kept, not re-embedded
+    shutil.copy2(folder / "d.mp4", folder / "copy of d.mp4")  # copied: features copied
+    third = index(library, model, folder)
+    assert (third.indexed, third.unchanged, third.moved, third.removed) == (1, 1, 2, 1)
+    assert library.get_by_path(str((folder / "a.mp4").resolve())).id == ids["a.mp4"]
+    moved = library.get_by_path(str((folder / "renamed b.mp4").resolve()))
+    assert moved.id == ids["b.mp4"]
+    assert np.array_equal(library.frame_features([moved.id])[moved.id], features_b)
+    assert library.get_by_path(str((folder / "c.mp4").resolve())) is None
+    assert library.stats().videos_ok == 4
+
+
+def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, model):
+    make_video("v/a.mp4", seconds=1)
+    index(library, model, tmp_path / "v")
+    other = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", frames=8))
+    with pytest.raises(LibraryError, match="--rebuild"):
+        index(library, other, tmp_path / "v")
+    rebuilt = index(library, other, tmp_path / "v", rebuild=True)
+    assert rebuilt.indexed == 1 and library.model_config()["frames"] == 8
+
+
+def test_missing_folder_is_an_error(tmp_path, library, model):
+    from ts2cli.errors import Ts2Error
+
+    with pytest.raises(Ts2Error, match="No such file or folder"):
+        index(library, model, tmp_path / "nope")
+
+
+def test_shared_sample_videos_index(shared_videos, library, model):
+    summary = index(library, model, shared_videos)
+    assert summary.indexed == 3 and not summary.failed
+    for row in library.videos(range(1, 4)).values():
+        assert len(row.frame_times) == 12 and row.duration > 5
+
+
+# --- the command as a process: interruption, concurrency ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    (folder / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    net = tiny_net(zero_shot=True)
+    torch.save({k.removeprefix("clip."): v for k, v in net.state_dict().items()}, folder / "tiny.pt")
+    return folder
+
+
+def ts2_index(folder: Path, library: Path, tiny_files: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ts2cli", "index", str(folder), "--library", str(library),
+            "--model", str(tiny_files / "tiny.json"), "--pretrained", str(tiny_files / "tiny.pt"),
+            "--device", "cpu", *extra]  # fmt: skip
+
+
+def count_ok(library: Path) -> int:
+    if not (library / "library.sqlite3").exists():
+        return 0
+    with Library.open(library) as lib:
+        return lib.stats().videos_ok
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def many_videos(tmp_path_factory):
+    from conftest import write_video
+
+    folder = tmp_path_factory.mktemp("many") / "vidéos à voir"
+    folder.mkdir()
+    for i in range(24):
+        write_video(folder / f"clip {i:02d}.mp4", seconds=6, fps=10, width=96, height=64, texture=True, seed=i)
+    return folder
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, many_videos, how):
+    library = tmp_path / "lib"
+    command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: count_ok(library) >= 3 or process.poll() is not None)
+        process.send_signal(how)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    done_before = count_ok(library)
+    assert 3 <= done_before < 24, "the run was not interrupted mid-way"
+    if how == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr
+
+    resumed = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["unchanged"] >= done_before and summary["indexed"] + summary["unchanged"] == 24
+    with Library.open(library) as lib:
+        stats = lib.stats()
+        assert stats.videos_ok == 24 and not stats.failures
+        ids, vectors = lib.global_vectors()
+        assert len(set(ids.tolist())) == 24 == len(vectors)
+
+
+def test_second_concurrent_index_exits_with_a_clear_message(tmp_path, tiny_files, many_videos):
+    library = tmp_path / "lib"
+    command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: count_ok(library) >= 1 or first.poll() is not None)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert "Another ts2 index is running" in second.stderr and "Traceback" not in second.stderr
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    assert count_ok(library) == 24
+    env = {**os.environ, "TS2_HOME": str(library)}
+    status = subprocess.run(
+        [sys.executable, "-m", "ts2cli", "status", "--json"], capture_output=True, text=True, env=env
+    )
+    report = json.loads(status.stdout)
+    assert report["videos"] == 24 and report["model"]["mode"] == "zero-shot" and report["bytes"] > 0

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ts2cli.errors import Ts2Error
+from ts2cli.scan import VIDEO_EXTENSIONS, check_roots, fingerprint, is_video_file, scan_videos
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def names(paths: list[Path], root: Path) -> list[str]:
+    return [p.relative_to(root.resolve()).as_posix() for p in paths]
+
+
+def test_extensions_are_case_insensitive_and_non_videos_ignored(tmp_path: Path) -> None:
+    for name in ("a.mp4", "b.MOV", "c.Mkv", "d.webm", "e.txt", "f.jpg", "g.mp4.part", "noext"):
+        touch(tmp_path / name)
+    assert names(list(scan_videos([tmp_path])), tmp_path) == ["a.mp4", "b.MOV", "c.Mkv", "d.webm"]
+    assert is_video_file("X.M2TS") and not is_video_file("notes.md")
+    assert all(ext.startswith(".") and ext == ext.lower() for ext in VIDEO_EXTENSIONS)
+
+
+def test_recursive_sorted_and_absolute(tmp_path: Path) -> None:
+    for name in ("z.mp4", "a.mp4", "sub/b.mp4", "sub/deeper/c.mp4", "other/d.mp4"):
+        touch(tmp_path / name)
+    found = list(scan_videos([tmp_path]))
+    assert all(p.is_absolute() for p in found)
+    # Files of a folder first (sorted), then its subfolders in sorted order, depth first.
+    assert names(found, tmp_path) == ["a.mp4", "z.mp4", "other/d.mp4", "sub/b.mp4", "sub/deeper/c.mp4"]
+
+
+def test_hidden_files_and_folders(tmp_path: Path) -> None:
+    touch(tmp_path / "seen.mp4")
+    touch(tmp_path / ".hidden.mp4")
+    touch(tmp_path / ".cache" / "thumb.mp4")
+    assert names(list(scan_videos([tmp_path])), tmp_path) == ["seen.mp4"]
+    everything = names(list(scan_videos([tmp_path], include_hidden=True)), tmp_path)
+    assert everything == [".hidden.mp4", "seen.mp4", ".cache/thumb.mp4"]
+
+
+def test_hidden_root_is_still_walked(tmp_path: Path) -> None:
+    touch(tmp_path / ".videos" / "a.mp4")
+    assert len(list(scan_videos([tmp_path / ".videos"]))) == 1
+
+
+def test_exclude_by_name_and_relative_path(tmp_path: Path) -> None:
+    for name in ("keep.mp4", "render.tmp.mp4", "drafts/x.mp4", "drafts/sub/y.mp4", "final/drafts.mp4"):
+        touch(tmp_path / name)
+    found = names(list(scan_videos([tmp_path], exclude=["*.tmp.mp4", "drafts/*"])), tmp_path)
+    assert found == ["keep.mp4", "final/drafts.mp4"]
+    # A bare folder name excludes the folder wherever it is.
+    assert names(list(scan_videos([tmp_path], exclude=["drafts"])), tmp_path) == [
+        "keep.mp4",
+        "render.tmp.mp4",
+        "final/drafts.mp4",
+    ]
+
+
+def test_root_may_be_a_single_file(tmp_path: Path) -> None:
+    video = touch(tmp_path / "one.mp4")
+    touch(tmp_path / "notes.txt")
+    assert list(scan_videos([video])) == [video.resolve()]
+    assert list(scan_videos([tmp_path / "notes.txt"])) == []
+
+
+def test_dedupe_across_roots_and_symlinks(tmp_path: Path) -> None:
+    video = touch(tmp_path / "lib" / "a.mp4")
+    (tmp_path / "lib" / "alias.mp4").symlink_to(video)
+    (tmp_path / "link_to_lib").symlink_to(tmp_path / "lib", target_is_directory=True)
+    found = list(scan_videos([tmp_path, tmp_path / "lib", video, tmp_path / "link_to_lib"]))
+    assert found == [video.resolve()]
+
+
+def test_symlink_loop_terminates(tmp_path: Path) -> None:
+    touch(tmp_path / "a" / "v.mp4")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "a" / "self").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "a" / "dangling.mp4").symlink_to(tmp_path / "missing.mp4")
+    assert names(list(scan_videos([tmp_path])), tmp_path) == ["a/v.mp4"]
+
+
+def test_spaces_and_non_ascii_names(tmp_path: Path) -> None:
+    touch(tmp_path / "été vidéo.mp4")
+    touch(tmp_path / "mes films" / "日本 語.mkv")
+    found = list(scan_videos([tmp_path / "mes films", tmp_path]))
+    assert names(found, tmp_path) == ["mes films/日本 語.mkv", "été vidéo.mp4"]
+    assert all(p.exists() for p in found)
+
+
+def test_missing_root_raises_before_yielding(tmp_path: Path) -> None:
+    touch(tmp_path / "a.mp4")
+    missing = tmp_path / "nope"
+    with pytest.raises(Ts2Error, match=r"No such file or folder: .*nope"):
+        scan_videos([tmp_path, missing])  # raised at the call, not on first iteration
+    with pytest.raises(Ts2Error):
+        check_roots([missing])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any folder")
+def test_unreadable_folder_is_skipped(tmp_path: Path) -> None:
+    touch(tmp_path / "ok.mp4")
+    locked = tmp_path / "locked"
+    touch(locked / "secret.mp4")
+    locked.chmod(0)
+    try:
+        assert names(list(scan_videos([tmp_path])), tmp_path) == ["ok.mp4"]
+    finally:
+        locked.chmod(0o755)
+
+
+def test_special_files_are_skipped(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.mp4")
+    assert list(scan_videos([tmp_path])) == []
+
+
+def test_fingerprint_follows_content_not_name(tmp_path: Path) -> None:
+    data = os.urandom(500_000)
+    a = touch(tmp_path / "a.mp4", data)
+    moved = touch(tmp_path / "sub" / "renamed.mkv", data)
+    assert fingerprint(a) == fingerprint(moved)
+    assert len(fingerprint(a)) == 32 and int(fingerprint(a), 16) >= 0
+
+    changed_end = touch(tmp_path / "c.mp4", data[:-1] + bytes([data[-1] ^ 1]))
+    changed_middle = bytearray(data)
+    changed_middle[len(data) // 2] ^= 1
+    longer = touch(tmp_path / "d.mp4", data + b"\0")
+    assert fingerprint(changed_end) != fingerprint(a)
+    assert fingerprint(touch(tmp_path / "e.mp4", bytes(changed_middle))) != fingerprint(a)
+    assert fingerprint(longer) != fingerprint(a)
+
+
+def test_fingerprint_small_and_empty_files(tmp_path: Path) -> None:
+    assert fingerprint(touch(tmp_path / "a", b"abc")) != fingerprint(touch(tmp_path / "b", b"abd"))
+    assert fingerprint(touch(tmp_path / "empty", b"")) == fingerprint(touch(tmp_path / "empty2", b""))

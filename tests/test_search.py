@@ -1,0 +1,168 @@
+"""`ts2 search` over a real library built from videos the test writes, with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CLIP, tiny_net
+
+from ts2cli.errors import LibraryError, Ts2Error
+from ts2cli.indexer import IndexOptions, index_folders
+from ts2cli.model import ModelOptions, load_model
+from ts2cli.query import load_library_model, text_query, video_query
+from ts2cli.search import SearchOptions, matching_moment, rank, score_videos
+from ts2cli.store import Library
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    (folder / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    torch.save(
+        {k.removeprefix("clip."): v for k, v in tiny_net(zero_shot=True).state_dict().items()}, folder / "tiny.pt"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_files):
+    """A library of 14 distinct videos in two folders, indexed through the library API."""
+    from conftest import write_video
+
+    root = tmp_path_factory.mktemp("search")
+    for i in range(14):
+        folder = root / "videos" / ("holiday" if i < 5 else "work")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(folder / f"clip {i}.mp4", seconds=2 + i % 3, fps=8, width=64, height=48, texture=True, seed=i)
+    options = ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=str(tiny_files / "tiny.pt"), device="cpu")
+    model = load_model(options)
+    with Library.open(root / "lib", write=True, create=True) as lib:
+        summary = index_folders(lib, model, IndexOptions(roots=[root / "videos"]))
+    assert summary.indexed == 14
+    return root, options
+
+
+def exact_ranking(lib, vector):
+    ids, frames = lib.all_frame_features()
+    scores, _ = score_videos(vector, frames)
+    order = np.argsort(-scores, kind="stable")
+    return [ids[i] for i in order], scores[order]
+
+
+@pytest.mark.parametrize("text", ["a dog catching a frisbee", "city street at night", "someone cooking"])
+def test_results_equal_exact_ranking_when_candidates_cover_the_library(built, text):
+    root, _ = built
+    with Library.open(root / "lib") as lib:
+        model = load_library_model(lib, None, device="cpu")
+        vector, notes = text_query(model, text)
+        hits = rank(lib, vector, SearchOptions(limit=14, candidates=14))
+        expected_ids, expected_scores = exact_ranking(lib, vector)
+    assert notes == []
+    assert [h.video_id for h in hits] == expected_ids
+    np.testing.assert_allclose([h.score for h in hits], expected_scores, rtol=1e-6)
+
+
+def test_moment_points_at_the_heaviest_frames(built):
+    root, _ = built
+    with Library.open(root / "lib") as lib:
+        model = load_library_model(lib, None, device="cpu")
+        hits = rank(lib, text_query(model, "a red ball")[0], SearchOptions(limit=5))
+    for hit in hits:
+        times, weights = zip(*hit.frames, strict=True)
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5)
+        best = int(np.argmax(weights))
+        assert hit.moment.time == times[best]
+        assert hit.moment.start <= times[best] <= hit.moment.end
+        assert hit.moment.start >= 0 and hit.moment.end <= hit.duration + 1e-6
+
+
+def test_matching_moment_spans_the_heavy_run():
+    times = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+    weights = np.array([0.02, 0.05, 0.4, 0.35, 0.1, 0.08])
+    moment = matching_moment(times, weights, duration=6.0)
+    assert (moment.start, moment.end, moment.time) == (2.0, 4.0, 2.5)
+    edge = matching_moment(times, np.array([0.5, 0.3, 0.05, 0.05, 0.05, 0.05]), duration=6.0)
+    assert (edge.start, edge.end) == (0.0, 2.0)
+
+
+def test_filters_and_limit(built):
+    root, _ = built
+    holiday = (root / "videos" / "holiday").resolve()
+    with Library.open(root / "lib") as lib:
+        model = load_library_model(lib, None, device="cpu")
+        vector = text_query(model, "a beach")[0]
+        within = rank(lib, vector, SearchOptions(limit=20, within=holiday))
+        assert len(within) == 5 and all(h.path.startswith(str(holiday)) for h in within)
+        three = rank(lib, vector, SearchOptions(limit=3))
+        assert len(three) == 3
+        everything = rank(lib, vector, SearchOptions(limit=14))
+        threshold = everything[6].score
+        above = rank(lib, vector, SearchOptions(limit=14, min_score=threshold))
+        assert [h.video_id for h in above] == [h.video_id for h in everything if h.score >= threshold]
+
+
+def test_query_by_example_video(built, tmp_path):
+    from conftest import write_video
+
+    root, _ = built
+    example = root / "videos" / "work" / "clip 7.mp4"
+    with Library.open(root / "lib") as lib:
+        text_model = load_library_model(lib, None, device="cpu")
+        vector, own_id = video_query(lib, None, example)
+        hits = rank(lib, vector, SearchOptions(limit=5), exclude=own_id)
+        assert own_id is not None and own_id not in [h.video_id for h in hits] and len(hits) == 5
+        # a copy that is not indexed is embedded on the fly and finds the original first
+        outside = tmp_path / "outside.mp4"
+        write_video(outside, seconds=3, fps=8, width=64, height=48, texture=True, seed=7)
+        full_model = load_library_model(lib, None, device="cpu", text_only=False)
+        vector, none_id = video_query(lib, full_model, outside)
+        assert none_id is None
+        assert rank(lib, vector, SearchOptions(limit=1))[0].path.endswith("clip 7.mp4")
+    assert text_model.net.clip.visual is None
+
+
+def test_errors_are_clear(built, tmp_path):
+    root, _ = built
+    with Library.open(root / "lib") as lib:
+        model = load_library_model(lib, None, device="cpu")
+        with pytest.raises(Ts2Error, match="empty"):
+            text_query(model, "   ")
+        _, notes = text_query(model, "a very long description " * 10)
+        assert notes and "first 30 tokens" in notes[0]
+        other = ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=None, device="cpu")
+        with pytest.raises(LibraryError, match="another model"):
+            load_library_model(lib, other)
+
+
+def run_ts2(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_command_line_json_paths_and_errors(built, tmp_path):
+    root, _ = built
+    library = str(root / "lib")
+    result = run_ts2("search", "a cat on a sofa", "--library", library, "--json", "--limit", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["query"] == "a cat on a sofa" and data["model"]["mode"] == "zero-shot"
+    assert len(data["results"]) == 4
+    for item in data["results"]:
+        assert set(item) == {"path", "score", "duration", "moment", "frames"}
+        assert isinstance(item["score"], float) and set(item["moment"]) == {"start", "end"}
+        assert all(set(f) == {"time", "weight"} for f in item["frames"])
+    scores = [item["score"] for item in data["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    paths = run_ts2("search", "a cat on a sofa", "--library", library, "--paths", "--limit", "4", "--device", "cpu")
+    assert paths.stdout.splitlines() == [item["path"] for item in data["results"]]
+
+    empty = run_ts2("search", "", "--library", library)
+    missing = run_ts2("search", "x", "--library", str(tmp_path / "none"))
+    for failed, words in ((empty, "empty"), (missing, "No library")):
+        assert failed.returncode != 0 and words in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr

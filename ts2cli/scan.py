@@ -1,0 +1,178 @@
+"""Find the video files under the folders (or files) a user names, and fingerprint them.
+
+Walking is by file extension only; whether a file really decodes is ts2cli.decode's business. Symlinked
+folders are followed, but every real folder is entered at most once, so symlink loops terminate.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ts2cli.errors import Ts2Error
+
+# Lower-case, with the leading dot, so ``path.suffix.lower() in VIDEO_EXTENSIONS`` works directly.
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".3g2",
+        ".3gp",
+        ".asf",
+        ".avi",
+        ".divx",
+        ".dv",
+        ".f4v",
+        ".flv",
+        ".m1v",
+        ".m2t",
+        ".m2ts",
+        ".m2v",
+        ".m4v",
+        ".mkv",
+        ".mod",
+        ".mov",
+        ".mp4",
+        ".mpe",
+        ".mpeg",
+        ".mpg",
+        ".mts",
+        ".mxf",
+        ".nut",
+        ".ogm",
+        ".ogv",
+        ".qt",
+        ".rm",
+        ".rmvb",
+        ".tod",
+        ".ts",
+        ".vob",
+        ".webm",
+        ".wmv",
+        ".wtv",
+    }
+)
+
+FINGERPRINT_CHUNK = 64 * 1024
+
+
+def is_video_file(path: Path | str) -> bool:
+    """True when the name has a video extension (case-insensitive); the content is not checked."""
+    return os.path.splitext(str(path))[1].lower() in VIDEO_EXTENSIONS
+
+
+def check_roots(roots: Sequence[Path | str]) -> list[Path]:
+    """Absolute, resolved roots; raises Ts2Error naming the first one that does not exist."""
+    checked = []
+    for root in roots:
+        path = Path(root).expanduser()
+        if not path.exists():  # also catches a symlink whose target is gone
+            raise Ts2Error(f"No such file or folder: {root}")
+        checked.append(path.resolve())
+    return checked
+
+
+def scan_videos(
+    roots: Sequence[Path | str], exclude: Sequence[str] = (), include_hidden: bool = False
+) -> Iterator[Path]:
+    """Video files under ``roots``, each once, as absolute resolved paths, in sorted order per root.
+
+    A root may be a folder (walked recursively) or a single file (yielded if it has a video extension).
+    ``exclude`` holds glob patterns matched against each file or folder name and against its path relative
+    to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
+    Hidden names (leading '.') are skipped unless ``include_hidden``. Unreadable folders are skipped.
+    Missing roots raise Ts2Error at the call, before anything is yielded.
+    """
+    return _walk_roots(check_roots(roots), tuple(exclude), include_hidden)
+
+
+def _walk_roots(roots: list[Path], exclude: tuple[str, ...], include_hidden: bool) -> Iterator[Path]:
+    seen_files: set[Path] = set()
+    seen_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of real folders already walked
+    for root in roots:
+        if root.is_dir():
+            candidates: Iterator[Path] = _walk_dir(root, exclude, include_hidden, seen_dirs)
+        elif is_video_file(root) and not _excluded(root.name, root.name, exclude):
+            candidates = iter([root])
+        else:
+            continue
+        for path in candidates:
+            real = path.resolve()
+            if real not in seen_files:
+                seen_files.add(real)
+                yield real
+
+
+def _walk_dir(
+    root: Path, exclude: tuple[str, ...], include_hidden: bool, seen_dirs: set[tuple[int, int]]
+) -> Iterator[Path]:
+    # Explicit stack instead of recursion: deep trees must not hit Python's recursion limit.
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        folder, rel_folder = stack.pop()
+        try:
+            info = folder.stat()
+        except OSError:
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in seen_dirs:
+            continue  # a symlink loop, or a folder reachable twice
+        seen_dirs.add(key)
+        entries = _list_dir(folder)
+        subfolders = []
+        for name, is_dir in entries:
+            if not include_hidden and name.startswith("."):
+                continue
+            rel = f"{rel_folder}{name}"
+            if is_dir:
+                if not _excluded(name, rel, exclude, folder=True):
+                    subfolders.append((folder / name, rel + "/"))
+            elif is_video_file(name) and not _excluded(name, rel, exclude):
+                yield folder / name
+        # Reversed so the stack pops them in sorted order; files of a folder come before its subfolders.
+        stack.extend(reversed(subfolders))
+
+
+def _list_dir(folder: Path) -> list[tuple[str, bool]]:
+    """Sorted (name, is_folder) of regular files and folders, following symlinks; [] if unreadable."""
+    entries = []
+    try:
+        with os.scandir(folder) as iterator:
+            for entry in iterator:
+                try:
+                    if entry.is_dir():
+                        entries.append((entry.name, True))
+                    elif entry.is_file():  # skips FIFOs, sockets and broken links, which would hang or fail
+                        entries.append((entry.name, False))
+                except OSError:
+                    continue
+    except OSError:
+        return []  # permission denied, vanished while walking, ...: not worth aborting a scan for
+    return sorted(entries)
+
+
+def _excluded(name: str, rel: str, patterns: tuple[str, ...], folder: bool = False) -> bool:
+    candidates = [name, rel]
+    if folder:
+        candidates.append(rel + "/")  # lets 'drafts/*' and 'drafts/' prune the whole folder
+    return any(fnmatch.fnmatch(c, p) for p in patterns for c in candidates)
+
+
+def fingerprint(path: Path | str) -> str:
+    """Content fingerprint that survives moves and renames, reading at most three 64 KiB chunks.
+
+    blake2b over the file size and the chunks at the start, middle and end. Files that differ only
+    outside those chunks (and have the same size) collide; for video files that does not happen in practice
+    because containers rewrite headers and indexes whenever content changes.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+        if size <= 3 * FINGERPRINT_CHUNK:
+            digest.update(f.read())
+        else:
+            for offset in (0, (size - FINGERPRINT_CHUNK) // 2, size - FINGERPRINT_CHUNK):
+                f.seek(offset)
+                digest.update(f.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()

@@ -1,0 +1,1147 @@
+"""The on-disk video library.
+
+A library is one directory. ``library.sqlite3`` is the source of truth (videos, their per-frame and global
+features, the model they were computed with). ``ann.hnsw`` + ``ann.json`` hold an hnswlib index over the
+global vectors; it is only a cache, tagged with the SQLite *generation* it was built from, and is rebuilt
+from SQLite whenever the tag does not match. A kill at any moment therefore costs at most a rebuild.
+The format is described for humans in ``docs/library-format.md``.
+
+Locking: one writer at a time (``flock`` on ``DIR/lock``, held for the writer's whole life); readers take no
+lock and rely on SQLite WAL snapshots. ``ann.lock`` is held only for the instant the two ANN files are read
+or replaced, so a reader never pairs an index file with another save's sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import hnswlib
+import numpy as np
+import numpy.typing as npt
+import platformdirs
+
+from ts2cli.errors import LibraryError
+
+SCHEMA_VERSION = 1
+
+DB_FILE = "library.sqlite3"
+ANN_FILE = "ann.hnsw"
+ANN_META_FILE = "ann.json"
+LOCK_FILE = "lock"
+ANN_LOCK_FILE = "ann.lock"
+
+# Vectors are unit length before they reach the index, so inner product *is* cosine similarity; 'ip'
+# keeps the stored vectors bit-identical to SQLite's (hnswlib's 'cosine' would renormalise a copy).
+ANN_SPACE = "ip"
+ANN_M = 16
+# Measured on 20k clustered 512-d vectors: 200 costs 1.7x the build time for <1% recall at ef=2k.
+ANN_EF_CONSTRUCTION = 100
+ANN_SEED = 100
+_ANN_FORMAT = 1
+
+_SQL_CHUNK = 900  # stays under SQLite's historic 999 bound-parameter limit
+_REBUILD_CHUNK = 8192
+_MMAP_BYTES = 1 << 30
+_CACHE_KIB = 64 * 1024
+_ERROR_MAX_CHARS = 500
+
+AnnSource = Literal["disk", "rebuilt", "empty"]
+
+
+def default_library_dir() -> Path:
+    """``$TS2_HOME`` when set, else the per-user data directory (e.g. ``~/.local/share/ts2/library``)."""
+    env = os.environ.get("TS2_HOME")
+    if env:
+        return Path(env).expanduser()
+    return platformdirs.user_data_path("ts2") / "library"
+
+
+@dataclass(frozen=True, slots=True)
+class VideoRow:
+    id: int
+    path: str
+    size: int | None
+    mtime: float | None
+    fingerprint: str | None
+    duration: float | None
+    width: int | None
+    height: int | None
+    frame_times: list[float]
+    status: Literal["ok", "failed"]
+    error: str | None
+    indexed_at: float | None
+    seen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryStats:
+    directory: Path
+    videos_ok: int
+    videos_failed: int
+    failures: list[tuple[str, str]]  # (path, one-line reason), sorted by path
+    bytes_on_disk: int
+    model: dict[str, Any] | None
+    dim: int | None
+    schema_version: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Generation:
+    # The counter is for humans; the random id is what makes a tag unique even if a power cut rolls
+    # SQLite back (synchronous=NORMAL) and the counter is later reached again with different content.
+    number: int
+    token: str
+
+
+_VIDEO_COLUMNS = (
+    "id, path, size, mtime, fingerprint, duration, width, height, frame_times, status, error, indexed_at, seen"
+)
+
+_SCHEMA_V1 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # AUTOINCREMENT: an id is never handed out twice, so an id a reader got from the ANN index just
+    # before a writer deleted that video can only go missing, never point at a different video.
+    """CREATE TABLE videos (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT UNIQUE NOT NULL,
+        size INTEGER,
+        mtime REAL,
+        fingerprint TEXT,
+        duration REAL,
+        width INTEGER,
+        height INTEGER,
+        frame_times TEXT,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        error TEXT,
+        indexed_at REAL,
+        seen INTEGER NOT NULL DEFAULT 1
+    )""",
+    "CREATE INDEX videos_fingerprint ON videos (fingerprint, size)",
+    # `global` comes before `frames`: the small vector then sits at the start of the record and reading
+    # it (ANN rebuild) does not walk the overflow pages that hold the frames.
+    """CREATE TABLE features (
+        video_id INTEGER PRIMARY KEY REFERENCES videos (id) ON DELETE CASCADE,
+        global BLOB NOT NULL,
+        frames BLOB NOT NULL
+    )""",
+)
+
+# MIGRATIONS[v] upgrades a schema-v database to v+1 inside the open transaction.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+class Library:
+    """An open library. Use :meth:`open`; close with :meth:`close` or a ``with`` block."""
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection, *, write: bool, lock_fd: int | None) -> None:
+        self.directory = directory
+        self.write = write
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self._closed = False
+        # In-memory ANN state. It always mirrors the last *committed* generation; changes made in the open
+        # transaction wait in _pending (id -> new unit vector, or None for "remove") until commit().
+        self._ann: hnswlib.Index | None = None
+        self._ann_gen: _Generation | None = None  # None = not loaded
+        self._ann_count = 0  # live vectors
+        self._ann_dirty = False  # in memory differs from the files
+        self._pending: dict[int, np.ndarray | None] = {}
+        self._pending_reset = False
+        self.last_ann_load: AnnSource | None = None  # how ann() last obtained the index (diagnostics)
+
+    # ------------------------------------------------------------------ opening and closing
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        write: bool = False,
+        create: bool = False,
+        wait: float = 0.0,
+    ) -> Library:
+        """Open the library in ``directory`` (default: :func:`default_library_dir`).
+
+        ``write`` takes the writer lock, waiting up to ``wait`` seconds for another writer to finish;
+        ``create`` makes the directory and database when missing.
+        """
+        directory = Path(directory if directory is not None else default_library_dir()).expanduser().absolute()
+        db_path = directory / DB_FILE
+        if not create and not db_path.is_file():
+            raise LibraryError(f"No library at {directory}; run `ts2 index FOLDER` first.")
+        if create:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LibraryError(f"Cannot create the library folder {directory}: {exc.strerror}.") from exc
+        lock_fd = _acquire_writer_lock(directory, wait) if write else None
+        conn = None
+        try:
+            conn = _connect(db_path, create=create)
+            library = cls(directory, conn, write=write, lock_fd=lock_fd)
+            library._prepare_schema(create=create)
+            return library
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    def close(self) -> None:
+        """Commit what is buffered, save the ANN index if it changed, release the writer lock.
+
+        Committing here is safe even when closing because of an exception: every put_* call is
+        all-or-nothing on its own, so only whole videos are ever committed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.write:
+                self.commit()
+                if self._ann_dirty:
+                    self.save_ann()
+        finally:
+            self._conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def _prepare_schema(self, *, create: bool) -> None:
+        version = self._schema_version()
+        if version is None:
+            if not create:
+                raise LibraryError(f"No library at {self.directory}; run `ts2 index FOLDER` first.")
+            self._create_schema()
+        elif version > SCHEMA_VERSION:
+            raise LibraryError(
+                f"The library at {self.directory} was written by a newer ts2 (library format {version}, this "
+                f"ts2 understands up to {SCHEMA_VERSION}); upgrade ts2 (pip install -U ts2cli) to use it."
+            )
+        elif version < SCHEMA_VERSION:
+            self._migrate()
+
+    def _schema_version(self) -> int | None:
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise _db_error(self.directory, exc) from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database" and friends
+            raise _db_error(self.directory, exc) from exc
+        if row is None:
+            return None
+        try:
+            return int(row[0])
+        except ValueError:
+            raise LibraryError(f"The library at {self.directory} is damaged (bad schema_version {row[0]!r}).") from None
+
+    def _create_schema(self) -> None:
+        # journal_mode cannot change inside a transaction, and it is a property of the file, set once.
+        self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self._schema_version() is None:  # another process may have won the race
+                for statement in _SCHEMA_V1:
+                    self._conn.execute(statement)
+                created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+                for key, value in (
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("created_at", created),
+                    ("generation", "0"),
+                    ("generation_id", secrets.token_hex(8)),
+                ):
+                    self._set_meta(key, value)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._schema_version() or SCHEMA_VERSION
+            for from_version in range(version, SCHEMA_VERSION):
+                MIGRATIONS[from_version](self._conn)
+            self._set_meta("schema_version", str(SCHEMA_VERSION))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _generation(self) -> _Generation:
+        rows = dict(self._conn.execute("SELECT key, value FROM meta WHERE key IN ('generation', 'generation_id')"))
+        return _Generation(int(rows.get("generation", 0)), rows.get("generation_id", ""))
+
+    # ------------------------------------------------------------------ model configuration
+
+    def model_config(self) -> dict[str, Any] | None:
+        raw = self._meta("model")
+        return None if raw is None else json.loads(raw)
+
+    def set_model_config(self, config: dict[str, Any]) -> None:
+        with self._write_step():
+            self._set_meta("model", _canonical_json(config))
+
+    def check_model(self, config: dict[str, Any], *, rebuild: bool = False) -> None:
+        """Make sure the library's vectors come from ``config``'s model.
+
+        A new library adopts ``config``. A different stored model is an error unless ``rebuild``, which
+        empties the library (in the current transaction) and adopts ``config``.
+        """
+        stored = self.model_config()
+        if stored is not None and same_model(stored, config):
+            if self.write and _canonical_json(stored) != _canonical_json(config):
+                self.set_model_config(config)  # same model, loaded from another place: remember the new one
+            return
+        if stored is None:
+            if self.write:
+                self.set_model_config(config)
+            return
+        if not rebuild:
+            raise LibraryError(
+                f"The library at {self.directory} was built with model {_describe_model(stored)}, not "
+                f"{_describe_model(config)}; run `ts2 index --rebuild` to re-index everything with the new "
+                "model, or use another --library."
+            )
+        self.clear(config)
+
+    def clear(self, config: dict[str, Any]) -> None:
+        """Forget every video and vector and adopt ``config`` (e.g. ``--rebuild`` with the same model)."""
+        with self._write_step():
+            self._conn.execute("DELETE FROM features")
+            self._conn.execute("DELETE FROM videos")
+            self._set_meta("model", _canonical_json(config))
+            self._pending.clear()
+            self._pending_reset = True
+
+    # ------------------------------------------------------------------ scanning (mark and sweep)
+
+    def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
+        """Mark every video under ``roots`` unseen; the scan then marks what it finds (mark_seen/put_*)."""
+        with self._write_step():
+            for root in roots:
+                where, args = _under_root(root)
+                self._conn.execute(f"UPDATE videos SET seen = 0 WHERE {where}", args)
+
+    def mark_seen(self, video_id: int) -> None:
+        with self._write_step():
+            self._conn.execute("UPDATE videos SET seen = 1 WHERE id = ?", (video_id,))
+
+    def sweep_unseen(self, roots: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """Delete the videos under ``roots`` that the scan did not see; return their paths, sorted."""
+        doomed: list[tuple[int, str, bool]] = []
+        for root in roots:
+            where, args = _under_root(root)
+            doomed += self._conn.execute(
+                f"SELECT id, path, EXISTS (SELECT 1 FROM features WHERE video_id = videos.id) "
+                f"FROM videos WHERE seen = 0 AND ({where})",
+                args,
+            ).fetchall()
+        if not doomed:
+            return []
+        unique = {video_id: (path, had) for video_id, path, had in doomed}  # roots may overlap
+        if any(had for _, had in unique.values()):
+            self._ensure_ann_for_write()
+        with self._write_step():
+            ids = list(unique)
+            for chunk in _chunks(ids):
+                self._conn.execute(f"DELETE FROM videos WHERE id IN ({_marks(len(chunk))})", chunk)
+            for video_id, (_, had) in unique.items():
+                if had:
+                    self._pending[video_id] = None
+        return sorted(path for path, _ in unique.values())
+
+    # ------------------------------------------------------------------ lookups
+
+    def get_by_path(self, path: str | os.PathLike[str]) -> VideoRow | None:
+        row = self._conn.execute(f"SELECT {_VIDEO_COLUMNS} FROM videos WHERE path = ?", (_norm_path(path),)).fetchone()
+        return None if row is None else _video_row(row)
+
+    def ids_under(self, folder: str | os.PathLike[str]) -> list[int]:
+        """Ids of the indexed (status 'ok') videos inside ``folder``."""
+        where, args = _under_root(folder)
+        rows = self._conn.execute(f"SELECT id FROM videos WHERE status = 'ok' AND ({where}) ORDER BY id", args)
+        return [row[0] for row in rows]
+
+    def count_ok(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM videos WHERE status = 'ok'").fetchone()[0]
+
+    def find_by_fingerprint(self, fingerprint: str, size: int) -> list[VideoRow]:
+        rows = self._conn.execute(
+            f"SELECT {_VIDEO_COLUMNS} FROM videos WHERE fingerprint = ? AND size = ? ORDER BY id",
+            (fingerprint, size),
+        ).fetchall()
+        return [_video_row(row) for row in rows]
+
+    def videos(self, ids: Sequence[int]) -> dict[int, VideoRow]:
+        """Rows for ``ids``; ids that no longer exist are simply absent from the result."""
+        out: dict[int, VideoRow] = {}
+        with self._read_snapshot():
+            for chunk in _chunks(list(ids)):
+                for row in self._conn.execute(
+                    f"SELECT {_VIDEO_COLUMNS} FROM videos WHERE id IN ({_marks(len(chunk))})", chunk
+                ):
+                    out[row[0]] = _video_row(row)
+        return out
+
+    # ------------------------------------------------------------------ writes
+
+    def move(self, video_id: int, new_path: str | os.PathLike[str], mtime: float) -> None:
+        """A file was renamed or moved: keep its id and features, change its path.
+
+        Whatever the library had at ``new_path`` before is replaced (deleted).
+        """
+        path = _norm_path(new_path)
+        occupant = self._conn.execute(
+            "SELECT id, EXISTS (SELECT 1 FROM features WHERE video_id = videos.id) FROM videos WHERE path = ?",
+            (path,),
+        ).fetchone()
+        evict = occupant is not None and occupant[0] != video_id
+        if evict and occupant[1]:
+            self._ensure_ann_for_write()
+        with self._write_step():
+            if evict:
+                self._conn.execute("DELETE FROM videos WHERE id = ?", (occupant[0],))
+            cursor = self._conn.execute(
+                "UPDATE videos SET path = ?, mtime = ?, seen = 1 WHERE id = ?", (path, mtime, video_id)
+            )
+            if cursor.rowcount != 1:
+                raise KeyError(f"no video with id {video_id}")
+            if evict and occupant[1]:
+                self._pending[occupant[0]] = None
+
+    def put_video(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        size: int,
+        mtime: float,
+        fingerprint: str,
+        duration: float,
+        width: int,
+        height: int,
+        frame_times: Sequence[float],
+        frames: np.ndarray,
+        global_vector: np.ndarray,
+    ) -> int:
+        """Insert or replace the video at ``path`` (same path keeps its id) with status 'ok'; return its id.
+
+        ``frames`` (n_frames, dim) is stored as float16, one row per entry of ``frame_times``;
+        ``global_vector`` (dim,) is normalised to unit length and stored as float32.
+        """
+        frames16, unit = self._check_features(frames, global_vector, len(frame_times))
+        self._ensure_ann_for_write()
+        with self._write_step():
+            video_id = self._upsert_video(
+                _norm_path(path),
+                size=size,
+                mtime=mtime,
+                fingerprint=fingerprint,
+                duration=duration,
+                width=width,
+                height=height,
+                frame_times=json.dumps([float(t) for t in frame_times]),
+                status="ok",
+                error=None,
+            )
+            self._conn.execute(
+                "INSERT INTO features (video_id, global, frames) VALUES (?, ?, ?) "
+                "ON CONFLICT (video_id) DO UPDATE SET global = excluded.global, frames = excluded.frames",
+                (video_id, unit.tobytes(), frames16.tobytes()),
+            )
+            self._pending[video_id] = unit
+        return video_id
+
+    def put_failure(
+        self, path: str | os.PathLike[str], *, size: int, mtime: float, fingerprint: str | None, error: str
+    ) -> int:
+        """Record that ``path`` could not be indexed (one-line ``error``); drops any features it had."""
+        norm = _norm_path(path)
+        had_features = self._conn.execute(
+            "SELECT 1 FROM features JOIN videos ON videos.id = features.video_id WHERE videos.path = ?",
+            (norm,),
+        ).fetchone()
+        if had_features:
+            self._ensure_ann_for_write()
+        with self._write_step():
+            video_id = self._upsert_video(
+                norm,
+                size=size,
+                mtime=mtime,
+                fingerprint=fingerprint,
+                duration=None,
+                width=None,
+                height=None,
+                frame_times=None,
+                status="failed",
+                error=_one_line(error),
+            )
+            self._conn.execute("DELETE FROM features WHERE video_id = ?", (video_id,))
+            if had_features:
+                self._pending[video_id] = None
+        return video_id
+
+    def _upsert_video(self, path: str, **values: Any) -> int:
+        values.update(path=path, indexed_at=time.time())
+        columns = list(values)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "path")
+        row = self._conn.execute(
+            f"INSERT INTO videos ({', '.join(columns)}, seen) VALUES ({_marks(len(columns))}, 1) "
+            f"ON CONFLICT (path) DO UPDATE SET {updates}, seen = 1 RETURNING id",
+            [values[c] for c in columns],
+        ).fetchone()
+        return int(row[0])
+
+    def _check_features(
+        self, frames: np.ndarray, global_vector: np.ndarray, n_times: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        frames = np.asarray(frames)
+        vector = np.asarray(global_vector, dtype=np.float64)
+        if frames.ndim != 2 or vector.ndim != 1 or frames.shape[1] != vector.shape[0]:
+            raise ValueError(f"frames must be (n, dim) and global_vector (dim,); got {frames.shape}, {vector.shape}")
+        if frames.shape[0] != n_times or n_times == 0:
+            raise ValueError(f"need one frame_times entry per frame row ({n_times} times, {frames.shape[0]} rows)")
+        dim = self._library_dim()
+        if dim is not None and dim != vector.shape[0]:
+            raise ValueError(f"this library holds {dim}-d features, got {vector.shape[0]}-d")
+        norm = float(np.linalg.norm(vector))
+        frames16 = np.ascontiguousarray(frames, dtype="<f2")  # the file format is little-endian
+        if not np.isfinite(norm) or norm == 0.0 or not np.isfinite(frames16).all():
+            raise ValueError("features must be finite (and fit float16) and the global vector non-zero")
+        return frames16, (vector / norm).astype("<f4")
+
+    def _library_dim(self) -> int | None:
+        row = self._conn.execute("SELECT length(global) FROM features LIMIT 1").fetchone()
+        return None if row is None else row[0] // 4
+
+    @contextlib.contextmanager
+    def _write_step(self) -> Iterator[None]:
+        """One all-or-nothing step inside the batch transaction (a SAVEPOINT)."""
+        if not self.write:
+            raise RuntimeError("this Library was opened read-only (write=False)")
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO step")
+            self._conn.execute("RELEASE step")
+            raise
+        self._conn.execute("RELEASE step")
+
+    def commit(self) -> None:
+        """Commit buffered writes; if vectors changed, bump the generation and update the in-memory ANN."""
+        if not self._conn.in_transaction:
+            return
+        changed = bool(self._pending) or self._pending_reset
+        try:
+            if changed:
+                old = self._generation()
+                new = _Generation(old.number + 1, secrets.token_hex(8))
+                self._set_meta("generation", str(new.number))
+                self._set_meta("generation_id", new.token)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.rollback()
+            raise LibraryError(f"Could not save to the library at {self.directory}: {exc}.") from exc
+        if changed:
+            self._apply_pending(new)
+
+    def rollback(self) -> None:
+        """Drop buffered writes (the in-memory ANN index still matches the committed state)."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self._pending.clear()
+        self._pending_reset = False
+
+    # ------------------------------------------------------------------ the ANN index
+
+    def ann(self) -> hnswlib.Index | None:
+        """The ANN index over the committed global vectors (None for an empty library).
+
+        Loads ``ann.hnsw`` when its sidecar matches SQLite's generation, otherwise rebuilds it from the
+        features table and saves it. A writer's buffered changes are committed first.
+        """
+        if self.write:
+            self.commit()
+            if self._ann_gen is None:
+                self._load_ann()
+            return self._ann
+        # Readers re-check the generation on every call (one tiny query) so a long-lived reader follows
+        # a concurrent writer instead of serving a stale index.
+        if self._ann_gen is None or self._ann_gen != self._generation():
+            self._load_ann()
+        return self._ann
+
+    def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` videos whose global vectors are most similar to ``query``.
+
+        Returns (ids int64, cosine similarities float32), best first; fewer than ``k`` when the library
+        has fewer videos.
+        """
+        index = self.ann()
+        k = min(int(k), self._ann_count)
+        if index is None or k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        q = _unit(np.asarray(query, dtype=np.float32).reshape(-1))
+        if q.shape[0] != index.dim:
+            raise ValueError(f"query is {q.shape[0]}-d, the library holds {index.dim}-d vectors")
+        # ef is the search beam; it must be >= k, and 2k keeps recall high for the few hundred candidates
+        # the exact re-ranking needs (about 2-3 ms at 100k videos).
+        index.set_ef(max(2 * k, 64))
+        try:
+            labels, distances = index.knn_query(q, k=k, num_threads=1)
+        except RuntimeError:  # hnswlib could not fill k results (heavily deleted graph): be exact instead
+            return self._exact_knn(q, k)
+        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+
+    def _exact_knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, vectors = self.global_vectors()
+        sims = vectors @ q
+        order = np.argsort(-sims, kind="stable")[:k]
+        return ids[order], sims[order].astype(np.float32)
+
+    def save_ann(self) -> None:
+        """Write the ANN index and its sidecar for the current generation (atomically, sidecar last)."""
+        self.commit()
+        if self._ann_gen is None:
+            if self._files_generation() == self._generation():
+                return
+            self._load_ann()  # rebuilds, and saves
+            return
+        if self._ann_dirty or self._files_generation() != self._ann_gen:
+            self._write_ann_files(self._ann, self._ann_gen, self._ann_count)
+
+    def _ensure_ann_for_write(self) -> None:
+        # Called before a write that touches vectors, so that the index is loaded from the committed
+        # state (nothing in the open transaction has touched features yet) and can then follow along.
+        if self._ann_gen is None and not self._pending_reset:
+            self._load_ann()
+
+    def _load_ann(self) -> None:
+        index, gen, count = self._read_ann_files()
+        source: AnnSource = "disk"
+        saved = True
+        if gen is None:
+            index, gen, count = self._rebuild_ann()
+            source = "rebuilt" if count else "empty"
+            saved = self._try_save(index, gen, count)
+        self._ann, self._ann_gen, self._ann_count = index, gen, count
+        self._ann_dirty = not saved
+        self.last_ann_load = source
+
+    def _rebuild_ann(self) -> tuple[hnswlib.Index | None, _Generation, int]:
+        # Streams the vectors in chunks so a big library never sits in memory twice.
+        index: hnswlib.Index | None = None
+        count = 0
+        with self._read_snapshot():
+            gen = self._generation()
+            for ids, vectors in self._global_chunks(_REBUILD_CHUNK):
+                if index is None:
+                    index = _new_index(vectors.shape[1], _REBUILD_CHUNK)
+                if count + len(ids) > index.get_max_elements():
+                    index.resize_index(2 * index.get_max_elements())
+                index.add_items(vectors, ids)
+                count += len(ids)
+        return index, gen, count
+
+    def _try_save(self, index: hnswlib.Index | None, gen: _Generation, count: int) -> bool:
+        # A failed save (read-only library, full disk) must not stop a search; a writer retries in save_ann.
+        try:
+            self._write_ann_files(index, gen, count)
+        except OSError:
+            return False
+        return True
+
+    def _apply_pending(self, gen: _Generation) -> None:
+        try:
+            if self._pending_reset:
+                self._ann, self._ann_count = None, 0
+                self._ann_gen = gen  # an emptied library is trivially "loaded"
+            if self._ann_gen is not None:
+                self._apply_to_index(gen)
+        except BaseException:
+            # SQLite is already committed; forget the half-updated index so that it gets rebuilt.
+            self._ann, self._ann_gen, self._ann_count = None, None, 0
+            raise
+        finally:
+            self._pending.clear()
+            self._pending_reset = False
+
+    def _apply_to_index(self, gen: _Generation) -> None:
+        index = self._ann
+        # Deletions first, so that the additions can reuse the freed slots.
+        for video_id in [i for i, v in self._pending.items() if v is None]:
+            self._ann_count -= _ann_remove(index, video_id)
+        additions = {i: v for i, v in self._pending.items() if v is not None}
+        if additions:
+            if index is None:
+                index = _new_index(len(next(iter(additions.values()))), len(additions))
+            self._ann_count += _ann_upsert(index, additions, self._ann_count)
+        self._ann, self._ann_gen, self._ann_dirty = index, gen, True
+
+    def _read_ann_files(self) -> tuple[hnswlib.Index | None, _Generation | None, int]:
+        """The saved index if its sidecar matches SQLite's generation, else (None, None, 0)."""
+        with _ann_files_lock(self.directory, shared=True):
+            meta = self._read_sidecar()
+            current = self._generation()
+            if meta is None or _Generation(meta["generation"], meta["generation_id"]) != current:
+                return None, None, 0
+            if meta["count"] == 0:
+                return None, current, 0
+            path = self.directory / ANN_FILE
+            try:
+                if path.stat().st_size != meta["index_bytes"]:
+                    return None, None, 0
+                # Always a fresh Index object: reloading into a used one crashes hnswlib on bad files.
+                index = hnswlib.Index(space=ANN_SPACE, dim=int(meta["dim"]))
+                index.load_index(str(path), allow_replace_deleted=True)
+            except (OSError, RuntimeError, ValueError, MemoryError):
+                return None, None, 0
+        if index.dim != self._library_dim() or index.get_current_count() < meta["count"]:
+            return None, None, 0
+        return index, current, int(meta["count"])
+
+    def _read_sidecar(self) -> dict[str, Any] | None:
+        try:
+            meta = json.loads((self.directory / ANN_META_FILE).read_text(encoding="utf-8"))
+            expected = {
+                "format": int,
+                "generation": int,
+                "generation_id": str,
+                "count": int,
+                "index_bytes": int,
+            }
+            if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in expected.items()):
+                return None
+            if meta["format"] != _ANN_FORMAT or meta.get("space") != ANN_SPACE:
+                return None
+            if meta["count"] > 0 and not isinstance(meta.get("dim"), int):
+                return None
+            return meta
+        except (OSError, ValueError):
+            return None
+
+    def _files_generation(self) -> _Generation | None:
+        meta = self._read_sidecar()
+        return None if meta is None else _Generation(meta["generation"], meta["generation_id"])
+
+    def _write_ann_files(self, index: hnswlib.Index | None, gen: _Generation, count: int) -> None:
+        directory = self.directory
+        with _ann_files_lock(directory, shared=False):
+            # A reader may have rebuilt from a snapshot that a writer has since moved past; saving that
+            # would only force another rebuild later, so skip it.
+            if not self.write and self._generation() != gen:
+                return
+            _remove_stale_temp_files(directory)
+            target = directory / ANN_FILE
+            if index is None:
+                target.unlink(missing_ok=True)
+                index_bytes = 0
+            else:
+                tmp = directory / f".{ANN_FILE}.{os.getpid()}.tmp"
+                index.save_index(str(tmp))
+                _fsync_file(tmp)
+                os.replace(tmp, target)
+                index_bytes = target.stat().st_size
+            sidecar = {
+                "format": _ANN_FORMAT,
+                "generation": gen.number,
+                "generation_id": gen.token,
+                "count": count,
+                "dim": None if index is None else index.dim,
+                "space": ANN_SPACE,
+                "M": ANN_M if index is None else index.M,
+                "ef_construction": ANN_EF_CONSTRUCTION if index is None else index.ef_construction,
+                "index_bytes": index_bytes,
+            }
+            _atomic_write_text(directory / ANN_META_FILE, json.dumps(sidecar, indent=1) + "\n")
+            _fsync_dir(directory)
+        if self._ann is index and self._ann_gen == gen:
+            self._ann_dirty = False
+
+    # ------------------------------------------------------------------ feature reads
+
+    def frame_features(self, ids: Sequence[int], dtype: npt.DTypeLike = np.float32) -> dict[int, np.ndarray]:
+        """Per-frame features (n_frames, dim) for ``ids``; missing ids are absent.
+
+        Most of the time for a few hundred ids goes into numpy's float16 -> float32 cast; pass
+        ``dtype=np.float16`` to get the stored values as they are (read-only) and cast elsewhere.
+        """
+        out: dict[int, np.ndarray] = {}
+        with self._read_snapshot():
+            for chunk in _chunks(list(ids)):
+                for video_id, global_bytes, blob in self._conn.execute(
+                    f"SELECT video_id, length(global), frames FROM features WHERE video_id IN ({_marks(len(chunk))})",
+                    chunk,
+                ):
+                    out[video_id] = _decode_frames(blob, global_bytes // 4, dtype)
+        return out
+
+    def iter_frame_features(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(id, (n_frames, dim) float32) for every indexed video, in id order, without loading all at once."""
+        cursor = self._conn.execute("SELECT video_id, length(global), frames FROM features ORDER BY video_id")
+        for video_id, global_bytes, blob in cursor:
+            yield video_id, _decode_frames(blob, global_bytes // 4)
+
+    def all_frame_features(self) -> tuple[list[int], list[np.ndarray]]:
+        """Every indexed video's per-frame features (for exact brute-force search in tests and benchmarks)."""
+        ids: list[int] = []
+        arrays: list[np.ndarray] = []
+        with self._read_snapshot():
+            for video_id, frames in self.iter_frame_features():
+                ids.append(video_id)
+                arrays.append(frames)
+        return ids, arrays
+
+    def global_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (n,), unit vectors float32 (n, dim)) of every indexed video, in id order."""
+        with self._read_snapshot():
+            chunks = list(self._global_chunks(_REBUILD_CHUNK))
+        if not chunks:
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def _global_chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cursor = self._conn.execute("SELECT video_id, global FROM features ORDER BY video_id")
+        while rows := cursor.fetchmany(size):
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+            yield ids, vectors
+
+    @contextlib.contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        """Make several SELECTs see one consistent state (a WAL read transaction)."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> LibraryStats:
+        with self._read_snapshot():
+            counts = dict(self._conn.execute("SELECT status, COUNT(*) FROM videos GROUP BY status").fetchall())
+            failures = self._conn.execute(
+                "SELECT path, coalesce(error, '') FROM videos WHERE status = 'failed' ORDER BY path"
+            ).fetchall()
+            model = self.model_config()
+            dim = self._library_dim()
+            generation = self._generation().number
+            version = self._schema_version() or SCHEMA_VERSION
+        return LibraryStats(
+            directory=self.directory,
+            videos_ok=counts.get("ok", 0),
+            videos_failed=counts.get("failed", 0),
+            failures=[(p, e) for p, e in failures],
+            bytes_on_disk=_tree_size(self.directory),
+            model=model,
+            dim=dim,
+            schema_version=version,
+            generation=generation,
+        )
+
+
+# ---------------------------------------------------------------------- helpers: SQLite
+
+
+def _connect(db_path: Path, *, create: bool) -> sqlite3.Connection:
+    # mode=rw: opening a library must never create an empty database by accident.
+    uri = f"{db_path.as_uri()}?mode={'rwc' if create else 'rw'}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+    except sqlite3.Error as exc:
+        raise _db_error(db_path.parent, exc) from exc
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}").fetchall()
+        conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+        # Cap the WAL left behind after a checkpoint; a big index run can otherwise leave it at GBs.
+        conn.execute(f"PRAGMA journal_size_limit = {64 << 20}").fetchall()
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _db_error(db_path.parent, exc) from exc
+    return conn
+
+
+def _db_error(directory: Path, exc: sqlite3.Error) -> LibraryError:
+    return LibraryError(f"Cannot read the library at {directory} ({exc}); it may be damaged or not a ts2 library.")
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(ids), _SQL_CHUNK):
+        yield [int(i) for i in ids[start : start + _SQL_CHUNK]]
+
+
+def _norm_path(path: str | os.PathLike[str]) -> str:
+    text = os.path.abspath(os.fspath(path))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.fsdecode() of a non-UTF-8 file name yields lone surrogates, which SQLite TEXT cannot hold.
+        raise ValueError(f"file name is not valid UTF-8: {text.encode('utf-8', 'replace').decode()}") from None
+    return text
+
+
+def _under_root(root: str | os.PathLike[str]) -> tuple[str, list[str]]:
+    """SQL condition + arguments for 'path is root or lies inside root'.
+
+    A range on the indexed path column rather than LIKE: LIKE is case-insensitive for ASCII and treats
+    '%' and '_' in folder names as wildcards. Every string starting with ``root/`` sorts in
+    [``root/``, ``root0``) because '0' is the character right after '/' (UTF-8 keeps code point order).
+    """
+    base = _norm_path(root).rstrip(os.sep)
+    low, high = base + os.sep, base + chr(ord(os.sep) + 1)
+    return "(path >= ? AND path < ?) OR path = ?", [low, high, base or os.sep]
+
+
+def _video_row(row: Sequence[Any]) -> VideoRow:
+    return VideoRow(
+        id=row[0],
+        path=row[1],
+        size=row[2],
+        mtime=row[3],
+        fingerprint=row[4],
+        duration=row[5],
+        width=row[6],
+        height=row[7],
+        frame_times=json.loads(row[8]) if row[8] else [],
+        status=row[9],
+        error=row[10],
+        indexed_at=row[11],
+        seen=bool(row[12]),
+    )
+
+
+def _decode_frames(blob: bytes, dim: int, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
+    frames = np.frombuffer(blob, dtype="<f2").reshape(-1, dim)
+    return frames if np.dtype(dtype) == frames.dtype else frames.astype(dtype)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= _ERROR_MAX_CHARS else line[: _ERROR_MAX_CHARS - 1] + "…"
+
+
+def _canonical_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+MODEL_SOURCE_KEY = "source"
+"""Entry of a model config that says where the weights were loaded from. Files move, so it is not compared."""
+
+
+def _comparable(config: dict[str, Any]) -> str:
+    return _canonical_json({k: v for k, v in config.items() if k != MODEL_SOURCE_KEY})
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two model configs describe the same model, wherever its weights were loaded from."""
+    return _comparable(a) == _comparable(b)
+
+
+def _describe_model(config: dict[str, Any]) -> str:
+    if "backbone" in config:
+        weights = config.get("checkpoint") or config.get("clip_weights")
+        return f"{config['backbone']} ({weights}, {config.get('mode')}, {config.get('frames')} frames)"
+    text = _comparable(config)
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _tree_size(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+# ---------------------------------------------------------------------- helpers: hnswlib
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError("query vector must be finite and non-zero")
+    return (vector / norm).astype(np.float32)
+
+
+def _new_index(dim: int, capacity: int) -> hnswlib.Index:
+    index = hnswlib.Index(space=ANN_SPACE, dim=dim)
+    index.init_index(
+        max_elements=max(capacity, 64),
+        ef_construction=ANN_EF_CONSTRUCTION,
+        M=ANN_M,
+        random_seed=ANN_SEED,
+        allow_replace_deleted=True,
+    )
+    return index
+
+
+def _ann_is_live(index: hnswlib.Index, label: int) -> bool:
+    try:
+        index.get_items([label])  # raises for absent *and* for deleted labels
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ann_remove(index: hnswlib.Index | None, label: int) -> int:
+    """Mark ``label`` deleted; returns how many live vectors went away (0 or 1)."""
+    if index is None:
+        return 0
+    try:
+        index.mark_deleted(label)
+    except RuntimeError:  # absent or already deleted
+        return 0
+    return 1
+
+
+def _ann_upsert(index: hnswlib.Index, vectors: dict[int, np.ndarray], live: int) -> int:
+    """Add or replace ``vectors`` (label -> unit vector); returns how many new live vectors there are.
+
+    hnswlib has three cases. A live label is updated in place by add_items. A deleted label must be
+    undeleted first (add_items refuses it when replacing deleted slots is enabled). Only a label the
+    index has never seen may use replace_deleted=True, which recycles a deleted slot; using it for an
+    existing label would leave that label in two slots.
+    """
+    updates: dict[int, np.ndarray] = {}
+    fresh: dict[int, np.ndarray] = {}
+    revived = 0
+    for label, vector in vectors.items():
+        if _ann_is_live(index, label):
+            updates[label] = vector
+        else:
+            try:
+                index.unmark_deleted(label)
+            except RuntimeError:
+                fresh[label] = vector
+                continue
+            revived += 1
+            updates[label] = vector
+    if updates:
+        index.add_items(np.stack(list(updates.values())), np.fromiter(updates, dtype=np.int64))
+    if fresh:
+        vacant = index.get_current_count() - (live + revived)
+        needed = index.get_current_count() + max(0, len(fresh) - vacant)
+        if needed > index.get_max_elements():
+            index.resize_index(max(needed, 2 * index.get_max_elements()))
+        index.add_items(np.stack(list(fresh.values())), np.fromiter(fresh, dtype=np.int64), replace_deleted=True)
+    return revived + len(fresh)
+
+
+# ---------------------------------------------------------------------- helpers: files and locks
+
+
+def _acquire_writer_lock(directory: Path, wait: float) -> int:
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LibraryError(f"Cannot write to the library at {directory}: {exc.strerror}.") from exc
+    deadline = time.monotonic() + max(0.0, wait)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.close(fd)
+                raise LibraryError(
+                    f"Another ts2 index is running on this library ({directory}); wait for it to finish "
+                    "or use another --library."
+                ) from None
+            time.sleep(min(0.1, remaining))
+
+
+@contextlib.contextmanager
+def _ann_files_lock(directory: Path, *, shared: bool) -> Iterator[None]:
+    path = directory / ANN_LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            # Read-only library without the lock file: nobody can be writing the ANN files anyway.
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the renames themselves durable; not possible on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        _fsync_file(directory)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    # Left by a process killed mid-save; safe to remove because we hold the ANN files lock exclusively.
+    for name in (ANN_FILE, ANN_META_FILE):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
