@@ -76,6 +76,9 @@ class Progress:
     def done(self, path: Path, outcome: str) -> None: ...
 
 
+ANN_SAVE_INTERVAL_S = 300.0
+
+
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
@@ -176,6 +179,7 @@ def _embed_all(
     progress: Progress,
 ) -> None:
     since_commit = 0
+    last_save = time.monotonic()
     batch: list[tuple[_Work, SampledVideo]] = []
     try:
         for work, result in decode_ahead(todo, model, options.workers or default_workers(), options.batch_size):
@@ -190,6 +194,10 @@ def _embed_all(
             if since_commit >= options.commit_every:
                 library.commit()
                 since_commit = 0
+            if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
+                # searches during a long run would otherwise rebuild the ANN index from SQLite each time
+                library.save_ann()
+                last_save = time.monotonic()
         if batch:
             _embed_batch(library, model, batch, summary, progress)
     finally:

@@ -143,10 +143,11 @@ class LoadedModel:
         self.precision_known = True
 
 
-def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel:
+def load_model(options: ModelOptions, *, text_only: bool = False, trainable: bool = False) -> LoadedModel:
     """Build TS2-Net for ``options``: from a TS2-Net checkpoint when given, else zero-shot from CLIP weights.
 
-    ``text_only`` reads and keeps only the text tower, which is all a text query needs.
+    ``text_only`` reads and keeps only the text tower, which is all a text query needs. ``trainable`` (without
+    a checkpoint) builds the full TS2-Net from CLIP weights, new parts initialised as spec §9 says, for training.
     """
     device = resolve_device(options.device)
     if options.checkpoint is not None:
@@ -155,7 +156,7 @@ def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel
         net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
         weights = {"checkpoint": _file_id(options.checkpoint)}
     else:
-        config, net, weights = _zero_shot(options, text_only)
+        config, net, weights = _from_clip(options, text_only=text_only, trainable=trainable)
     net.eval().to(device)
     cuda = device.type == "cuda"
     identity = {**_identity(config, net), **weights, MODEL_SOURCE_KEY: model_source(options)}
@@ -163,7 +164,7 @@ def load_model(options: ModelOptions, *, text_only: bool = False) -> LoadedModel
     return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=cuda)
 
 
-def _zero_shot(options: ModelOptions, text_only: bool) -> tuple[TS2Config, TS2Net, dict[str, Any]]:
+def _from_clip(options: ModelOptions, *, text_only: bool, trainable: bool) -> tuple[TS2Config, TS2Net, dict[str, Any]]:
     pretrained = options.pretrained
     quick_gelu = options.quick_gelu
     if quick_gelu is None:
@@ -176,20 +177,27 @@ def _zero_shot(options: ModelOptions, text_only: bool) -> tuple[TS2Config, TS2Ne
         quick_gelu=cfg["quick_gelu"],
         frames=options.frames,
         compat=options.compat,
-        zero_shot=True,
+        zero_shot=not trainable,
         zero_shot_shift=options.zero_shot_shift,
     )
     if pretrained is None:
         torch.manual_seed(0)
         net = TS2Net(build_clip(cfg, initialise=True), config)
-        if text_only:
-            net.drop_video_parts()
-        return config, net, {"clip_weights": "random"}
-    path = resolve_pretrained(options.model, pretrained)
-    keep = (lambda k: not k.startswith("visual.")) if text_only else None
-    state = {f"clip.{k}": v for k, v in read_state_dict(path, keep).items()}
-    net = _assemble(config, state, source=str(path), text_only=text_only)
-    weights_id = pretrained if not Path(pretrained).expanduser().is_file() else _file_id(path)
+        weights_id = "random"
+    else:
+        path = resolve_pretrained(options.model, pretrained)
+        weights_id = pretrained if not Path(pretrained).expanduser().is_file() else _file_id(path)
+        keep = (lambda k: not k.startswith("visual.")) if text_only else None
+        state = read_state_dict(path, keep)
+        if trainable:
+            net = TS2Net(build_clip(cfg, initialise=True), config)
+            load_state(net.clip, state, source=str(path))
+        else:
+            net = _assemble(config, {f"clip.{k}": v for k, v in state.items()}, source=str(path), text_only=text_only)
+    if trainable:
+        net.init_from_clip()
+    if text_only:
+        net.drop_video_parts()
     return config, net, {"clip_weights": weights_id}
 
 
