@@ -12,6 +12,7 @@ import torch
 
 from ..errors import Ts2Error
 from ..store import MODEL_SOURCE_KEY
+from . import text_tower
 from .backbone import (
     build_clip,
     load_state,
@@ -44,18 +45,19 @@ class ModelOptions:
     backbone_cfg: dict[str, Any] | None = None
     """An explicit open_clip config instead of ``model`` (tiny test models, custom ViTs)."""
     zero_shot_shift: bool = False
+    weights_file: Path | None = None
+    """The local file behind the ``pretrained`` tag, when known; spares a lookup in open_clip's registry."""
 
 
-def model_source(options: ModelOptions) -> dict[str, Any]:
-    """What ``ts2 search`` needs to load the model a library was built with."""
+def model_source(options: ModelOptions, config: TS2Config, weights_file: Path | None) -> dict[str, Any]:
+    """How to load this model again without asking open_clip anything (what ``ts2 search`` does)."""
     checkpoint = str(Path(options.checkpoint).expanduser().resolve()) if options.checkpoint else None
-    pretrained = options.pretrained
-    if pretrained is not None and Path(pretrained).expanduser().is_file():
-        pretrained = str(Path(pretrained).expanduser().resolve())
     return {
         "model": options.model,
-        "backbone_cfg": options.backbone_cfg,
-        "pretrained": pretrained,
+        "backbone_cfg": config.backbone_cfg,
+        "quick_gelu": config.quick_gelu,
+        "pretrained": options.pretrained,
+        "weights_file": str(weights_file.resolve()) if weights_file else None,
         "checkpoint": checkpoint,
         "compat": options.compat,
         "frames": options.frames,
@@ -63,11 +65,13 @@ def model_source(options: ModelOptions) -> dict[str, Any]:
 
 
 def options_from_source(source: dict[str, Any], device: str) -> ModelOptions:
-    checkpoint = source.get("checkpoint")
+    checkpoint, weights_file = source.get("checkpoint"), source.get("weights_file")
     return ModelOptions(
         model=source["model"],
         backbone_cfg=source.get("backbone_cfg"),
+        quick_gelu=source.get("quick_gelu"),
         pretrained=source.get("pretrained"),
+        weights_file=Path(weights_file) if weights_file else None,
         checkpoint=Path(checkpoint) if checkpoint else None,
         compat=source.get("compat", "fixed"),
         frames=source.get("frames", 12),
@@ -154,17 +158,19 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
         config, state = read_checkpoint(options.checkpoint, text_only=text_only)
         config = dataclasses.replace(config, compat=options.compat, frames=options.frames)
         net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
-        weights = {"checkpoint": _file_id(options.checkpoint)}
+        weights, weights_file = {"checkpoint": _file_id(options.checkpoint)}, None
     else:
-        config, net, weights = _from_clip(options, text_only=text_only, trainable=trainable)
+        config, net, weights, weights_file = _from_clip(options, text_only=text_only, trainable=trainable)
     net.eval().to(device)
     cuda = device.type == "cuda"
-    identity = {**_identity(config, net), **weights, MODEL_SOURCE_KEY: model_source(options)}
+    identity = {**_identity(config, net), **weights, MODEL_SOURCE_KEY: model_source(options, config, weights_file)}
     dtype = torch.float16 if cuda else None
     return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=cuda)
 
 
-def _from_clip(options: ModelOptions, *, text_only: bool, trainable: bool) -> tuple[TS2Config, TS2Net, dict[str, Any]]:
+def _from_clip(
+    options: ModelOptions, *, text_only: bool, trainable: bool
+) -> tuple[TS2Config, TS2Net, dict[str, Any], Path | None]:
     pretrained = options.pretrained
     quick_gelu = options.quick_gelu
     if quick_gelu is None:
@@ -180,12 +186,14 @@ def _from_clip(options: ModelOptions, *, text_only: bool, trainable: bool) -> tu
         zero_shot=not trainable,
         zero_shot_shift=options.zero_shot_shift,
     )
+    path = None
     if pretrained is None:
         torch.manual_seed(0)
         net = TS2Net(build_clip(cfg, initialise=True), config)
         weights_id = "random"
     else:
-        path = resolve_pretrained(options.model, pretrained)
+        known = options.weights_file
+        path = known if known is not None and known.is_file() else resolve_pretrained(options.model, pretrained)
         weights_id = pretrained if not Path(pretrained).expanduser().is_file() else _file_id(path)
         keep = (lambda k: not k.startswith("visual.")) if text_only else None
         state = read_state_dict(path, keep)
@@ -198,11 +206,15 @@ def _from_clip(options: ModelOptions, *, text_only: bool, trainable: bool) -> tu
         net.init_from_clip()
     if text_only:
         net.drop_video_parts()
-    return config, net, {"clip_weights": weights_id}
+    return config, net, {"clip_weights": weights_id}, path
 
 
 def _assemble(config: TS2Config, state: dict[str, torch.Tensor], *, source: str, text_only: bool) -> TS2Net:
-    net = TS2Net(build_clip(config.backbone_cfg or {}, initialise=False), config)
+    cfg = config.backbone_cfg or {}
+    if text_only and text_tower.supports(cfg):
+        net = TS2Net(text_tower.build_text_tower(cfg), config, text_only=True)
+    else:
+        net = TS2Net(build_clip(cfg, initialise=False), config)
     if text_only:
         net.drop_video_parts()
     load_state(net, state, source=source)

@@ -16,9 +16,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @cache
 def _tokenizer(context_length: int):
-    from open_clip.tokenizer import SimpleTokenizer
+    from .text_tower import simple_tokenizer_class
 
-    return SimpleTokenizer(context_length=context_length)
+    return simple_tokenizer_class()(context_length=context_length)
 
 
 @dataclass(frozen=True)

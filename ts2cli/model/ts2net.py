@@ -18,17 +18,19 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 class TS2Net(nn.Module):
     """The whole model. In zero-shot mode (no trained TS2-Net weights) the selector and the temporal transformer
-    do not exist and a video's per-frame features are CLIP's frame embeddings."""
+    do not exist and a video's per-frame features are CLIP's frame embeddings. A ``text_only`` model holds just
+    what encodes queries (``clip`` may then be a bare text tower)."""
 
-    def __init__(self, clip: nn.Module, config: TS2Config) -> None:
+    def __init__(self, clip: nn.Module, config: TS2Config, *, text_only: bool = False) -> None:
         super().__init__()
-        check_visual_tower(clip.visual)
+        if not text_only:
+            check_visual_tower(clip.visual)
         self.config = config
         self.clip = clip
         dim = self.embed_dim
         self.selector: TokenSelector | None = None
         self.temporal: TemporalTransformer | None = None
-        if not config.zero_shot:
+        if not config.zero_shot and not text_only:
             self.selector = TokenSelector(dim, config.top_k, config.topk_samples, config.topk_sigma, config.seed)
             self.temporal = TemporalTransformer(dim, config.temporal_layers, config.temporal_eps)
 
@@ -122,6 +124,7 @@ class TS2Net(nn.Module):
 
     def drop_video_parts(self) -> None:
         """Free the visual tower and TS2 parts when only text queries are needed (fast search start-up)."""
-        self.clip.visual = None
+        if getattr(self.clip, "visual", None) is not None:
+            self.clip.visual = None
         self.selector = None
         self.temporal = None
