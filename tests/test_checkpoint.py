@@ -131,3 +131,23 @@ def test_missing_weights_file_is_one_line_naming_the_option(tmp_path):
     assert "--pretrained" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(CheckpointError, match="--checkpoint"):
         load_model(ModelOptions(checkpoint=tmp_path / "nope.safetensors", device="cpu"))
+
+
+def test_text_only_loading_imports_neither_open_clip_nor_the_compiler(tmp_path):
+    """Cold `ts2 search` speed depends on this: open_clip's package import pulls torchvision and torch._dynamo."""
+    import subprocess
+    import sys
+
+    net = tiny_net(seed=5)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(net, path, net.config)
+    code = (
+        "import sys\n"
+        "from ts2cli.model import ModelOptions, load_model\n"
+        f"model = load_model(ModelOptions(checkpoint={str(path)!r}, device='cpu'), text_only=True)\n"
+        "model.encode_texts(['a dog'])\n"
+        "print(sorted(m for m in ('open_clip', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
