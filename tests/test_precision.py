@@ -13,7 +13,6 @@ def test_bf16_check_measures_feature_agreement():
     pixels, mask = random_video(2, frames=4), torch.ones(2, 4, dtype=torch.long)
     cosine = autocast_cosine(net, pixels, mask, torch.bfloat16)
     assert 0.9 < cosine <= 1.0 + 1e-6
-    assert autocast_cosine(net, pixels, mask, torch.float32) > 0.99999  # same precision: identical features
 
 
 def test_cpu_precision_follows_the_check():
