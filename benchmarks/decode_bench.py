@@ -1,10 +1,12 @@
-"""Measure frame sampling: seek vs sequential vs auto vs decoding every frame.
+"""Measure frame sampling: seek vs sequential vs auto (exact and keyframe-snapped) vs decoding every frame.
 
-Run ``python benchmarks/decode_bench.py`` from the repository root. Synthetic H.264 videos (640x360, 25 fps,
-keyframe every 250 frames or a single keyframe; 10 s, 60 s, 600 s) are generated once into a cache folder
-(``--cache``, default: the system temp folder). The sample videos in ../shared/videos are measured too when
-present. Prints markdown tables of median times and the ratios that justify ``auto`` in ts2cli/decode.py,
-plus a calibration of the seek overhead (SEEK_OVERHEAD_FRAMES).
+Run ``python benchmarks/decode_bench.py`` from the repository root (``--quick`` skips the 600 s videos).
+Synthetic H.264 videos (640x360, 25 fps, light moving texture) are generated once into a cache folder
+(``--cache``, default: the system temp folder): MP4 with a keyframe every 250 frames or a single keyframe,
+10 s / 60 s / 600 s, plus 10 s and 30 s MPEG-TS with 1 s GOPs (no index: auto's length rule). The sample
+videos in ../shared/videos are measured too when present. Prints a markdown table of median wall times, the
+600 s vs 10 s ratios, and a calibration of the seek overhead (SEEK_OVERHEAD_FRAMES in ts2cli/decode.py).
+Timings are wall-clock: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations

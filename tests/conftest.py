@@ -108,6 +108,14 @@ def _frame_times(num_frames: int, fps: float, vfr: bool, seed: int) -> list[floa
     return [0.0, *np.cumsum(gaps[: num_frames - 1]).round(3).tolist()]
 
 
+def _pixel_format(codec: str, width: int, height: int) -> str:
+    if codec == "mjpeg":
+        return "yuvj420p"
+    if codec == "libx264" and (width % 2 or height % 2):
+        return "yuv444p"  # x264 refuses odd sizes with 4:2:0 chroma
+    return "yuv420p"
+
+
 def write_video(
     path: Path,
     seconds: float = 2.0,
@@ -124,13 +132,14 @@ def write_video(
     crf: int = 20,
     bframes: int | None = None,
     seed: int = 0,
+    container_options: dict[str, str] | None = None,
 ) -> WrittenVideo:
     """Encode a synthetic video whose frame i shows index i; the container follows the extension.
 
     ``gop`` is the keyframe interval in frames (None: the encoder default; use a huge value for a single
     keyframe). ``vfr`` gives irregular timestamps. ``rotation`` writes display-matrix rotation metadata
     (counter-clockwise degrees, as ``VideoFrame.rotation`` reads it back). ``num_frames`` overrides
-    ``seconds * fps``.
+    ``seconds * fps``. ``container_options`` go to the muxer, e.g. ``{"movflags": "faststart"}``.
     """
     path = Path(path)
     codec = codec or _DEFAULT_CODECS.get(path.suffix.lower(), "libx264")
@@ -144,10 +153,10 @@ def write_video(
         rng = np.random.default_rng(seed)
         texture_img = rng.integers(-12, 13, size=(height, width * 2), dtype=np.int16)
 
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.pix_fmt = _pixel_format(codec, width, height)
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
         if gop is not None:
@@ -218,7 +227,7 @@ def write_broken_files(directory: Path) -> dict[str, Path]:
     files["random_bytes"].write_bytes(np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
 
     # The mp4 index (moov) is written at the end, so the first half of the file has frames but no index.
-    whole = write_video(directory / "whole.mp4", seconds=3, fps=10, width=96, height=64).path
+    whole = write_video(directory / "whole.mp4", seconds=3, fps=10, width=96, height=64, gop=10).path
     data = whole.read_bytes()
     files["truncated"] = directory / "truncated.mp4"
     files["truncated"].write_bytes(data[: len(data) // 2])

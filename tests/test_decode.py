@@ -139,8 +139,9 @@ def test_long_sparse_video_is_fast_with_seeking(make_video: MakeVideo) -> None:
     assert elapsed < 2.0
 
 
-def test_odd_resolution(make_video: MakeVideo) -> None:
-    video = make_video("odd.avi", seconds=2, width=131, height=71)  # MPEG-4 part 2 accepts odd sizes
+@pytest.mark.parametrize("name", ["odd.avi", "odd.mp4"])  # MPEG-4 part 2 4:2:0, H.264 4:4:4
+def test_odd_resolution(make_video: MakeVideo, name: str) -> None:
+    video = make_video(name, seconds=2, width=131, height=71)
     result = sample_frames(video.path, 12, 50)
     check_sampling(video, result, size=50)
     assert (result.width, result.height) == (131, 71)
@@ -251,13 +252,22 @@ def test_broken_files_give_one_line_reasons(make_broken_files: Callable, kind: s
 
 @pytest.mark.parametrize("method", ["seek", "sequential"])
 def test_partly_corrupt_video_decodes_or_fails_cleanly(make_broken_files: Callable, method: str) -> None:
+    # Either outcome is acceptable for damaged files in general; this one (keyframe every second, damage
+    # around 1.5 s) should decode, with the damaged stretch skipped and recovery at the next keyframe.
     path = make_broken_files()["partly_corrupt"]
-    try:
-        result = sample_frames(path, 12, 32, method=method)
-    except VideoDecodeError as error:
-        assert "\n" not in str(error)
-    else:
-        assert 1 <= len(result.frames) <= 12 and result.times == sorted(result.times)
+    result = sample_frames(path, 12, 32, method=method)
+    assert 1 <= len(result.frames) <= 12 and result.times == sorted(result.times)
+    assert result.times[0] < 0.5 and result.times[-1] > 2.5
+
+
+def test_truncated_file_with_index_first_keeps_what_is_there(make_video: MakeVideo) -> None:
+    video = make_video("fast.mp4", seconds=4, fps=10, gop=10, container_options={"movflags": "faststart"})
+    data = video.path.read_bytes()
+    video.path.write_bytes(data[: len(data) // 2])  # the index promises 4 s; the data stops about halfway
+    for method in ("seek", "sequential"):
+        result = sample_frames(video.path, 12, 32, method=method)
+        assert 1 <= len(result.frames) < 12 and result.times == sorted(result.times)
+        assert indices(result) == sorted(set(indices(result)))
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:

@@ -55,9 +55,10 @@ SNAP_LEAD_FRAMES = 3
 # Containers whose demuxer loads a complete keyframe index when the file is opened. Others (MPEG-PS/TS,
 # raw streams) build it while reading, so an early index is partial and would mislead the cost estimate.
 _INDEXED_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
-# Demuxers that open still pictures; a picture named .mp4 is reported rather than indexed as a video.
+# Demuxers that open single still pictures (png_pipe, jpeg_pipe, ...): a photo named .mp4 is reported
+# rather than indexed as a one-frame video. Animated formats (gif, apng) are decoded like any video.
 _IMAGE_FORMAT_SUFFIX = "_pipe"
-_IMAGE_FORMATS = frozenset({"image2", "gif", "webp", "apng"})
+_IMAGE_FORMATS = frozenset({"image2"})
 # Files up to this size without a keyframe index get an exact duration from a demux pass (~300 MB/s here).
 _EXACT_DURATION_MAX_BYTES = 64 * 1024 * 1024
 
