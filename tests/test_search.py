@@ -90,6 +90,19 @@ def test_matching_moment_spans_the_heavy_run():
     assert (edge.start, edge.end) == (0.0, 2.0)
 
 
+def test_large_folder_filter_goes_through_the_ann_index(built, monkeypatch):
+    from ts2cli import search
+
+    root, _ = built
+    holiday = (root / "videos" / "holiday").resolve()
+    with Library.open(root / "lib") as lib:
+        vector = text_query(load_library_model(lib, None, device="cpu"), "a beach")[0]
+        exact = rank(lib, vector, SearchOptions(limit=20, within=holiday))
+        monkeypatch.setattr(search, "EXACT_SUBSET_LIMIT", 2)
+        through_ann = rank(lib, vector, SearchOptions(limit=20, within=holiday))
+    assert [h.video_id for h in through_ann] == [h.video_id for h in exact] and len(exact) == 5
+
+
 def test_filters_and_limit(built):
     root, _ = built
     holiday = (root / "videos" / "holiday").resolve()

@@ -91,13 +91,22 @@ def rank(
     return hits
 
 
+EXACT_SUBSET_LIMIT = 5000
+"""A ``--in`` folder with at most this many videos is scored exactly; a larger one filters ANN candidates."""
+SUBSET_OVERFETCH = 10
+
+
 def _candidate_ids(library: Library, query: np.ndarray, options: SearchOptions, exclude: int | None) -> list[int]:
-    if options.within is not None:
-        ids = library.ids_under(options.within)
+    wanted = max(options.candidates, options.limit) + (exclude is not None)  # room for dropping the query video
+    subset = library.ids_under(options.within) if options.within is not None else None
+    if subset is not None and len(subset) <= EXACT_SUBSET_LIMIT:
+        ids = subset
     else:
-        # one more than asked for, so that excluding the query video itself still leaves enough
-        found, _ = library.knn(query, max(options.candidates, options.limit) + (exclude is not None))
+        found, _ = library.knn(query, wanted if subset is None else wanted * SUBSET_OVERFETCH)
         ids = found.tolist()
+        if subset is not None:
+            members = set(subset)
+            ids = [i for i in ids if i in members][:wanted]
     return [i for i in ids if i != exclude]
 
 
