@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .cli_options import Checkpoint, Compat, Device, JsonFlag, ModelName, Pretrained
+from .cli_research import eval_app, train_app
 from .errors import Ts2Error
 
 app = typer.Typer(
@@ -23,33 +25,6 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)
 _state = {"debug": False}
 
-# --- options shared by every command that loads a model ---------------------------------------------------------
-ModelName = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        help="open_clip model name (a CLIP ViT), or an open_clip JSON config file.",
-        rich_help_panel="Model",
-    ),
-]
-Pretrained = Annotated[
-    str,
-    typer.Option("--pretrained", help="open_clip weights tag, or a local CLIP weights file.", rich_help_panel="Model"),
-]
-Checkpoint = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="TS2-Net weights (ts2's own or official).", rich_help_panel="Model"),
-]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
-Compat = Annotated[
-    str,
-    typer.Option(
-        "--compat",
-        help="fixed (corrected) or official (reproduces the paper's code).",
-        rich_help_panel="Model",
-    ),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 LibraryDir = Annotated[
     Path | None,
     typer.Option(
@@ -249,6 +224,10 @@ def _query_vector(lib, query, like, chosen, device):
     loaded = load_library_model(lib, chosen, device=device, text_only=indexed)
     vector, exclude = video_query(lib, None if indexed else loaded, Path(like))
     return f"like:{like}", vector, exclude, [], loaded
+
+
+app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train")
 
 
 def main() -> None:

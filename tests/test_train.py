@@ -1,0 +1,237 @@
+"""``ts2 train``: the recipe's parts by hand, gradient caching, a short run that learns, resume equivalence."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CLIP, tiny_net
+from typer.testing import CliRunner
+
+from ts2cli.cli import app
+from ts2cli.datasets import CaptionSet, load_caption_csv
+from ts2cli.errors import Ts2Error
+from ts2cli.model import LoadedModel, ModelOptions, load_model, read_checkpoint
+from ts2cli.model.preprocess import tokenize
+from ts2cli.synthetic import write_shapes_dataset
+from ts2cli.train import (
+    FROZEN,
+    BertAdam,
+    Trainer,
+    TrainOptions,
+    TrainProgress,
+    WarmupCosine,
+    clip_to_fp16,
+    epoch_items,
+    freeze_embeddings,
+    param_groups,
+    train,
+)
+
+TINY = ModelOptions(model="tiny", pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", frames=4)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and several times faster than on two when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> CaptionSet:
+    """Eight captioned moving-shape clips (four mirrored pairs), 32 px."""
+    return load_caption_csv(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 8, seed=0, size=32, frames=8))
+
+
+# --- recipe parts ---------------------------------------------------------------------------------------------
+
+
+def test_warmup_cosine_matches_the_reference_log():
+    schedule = WarmupCosine(7030, 0.1)
+    assert schedule(0) == 0.0  # the first update uses lr 0
+    assert 1e-4 * schedule(50) == pytest.approx(7.112e-6, rel=1e-3)  # the log at step 50
+    assert 1e-7 * schedule(50) == pytest.approx(7.1e-9, rel=2e-3)
+    assert schedule(703) == pytest.approx(0.5 * (1 + math.cos(0.1 * math.pi)))  # no renormalisation: 0.976
+    assert schedule(7029) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bert_adam_by_hand():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    bias = torch.nn.Parameter(torch.tensor([0.5]))
+    optimizer = BertAdam([{"params": [param], "weight_decay": 0.2}, {"params": [bias], "weight_decay": 0.0}], lr=0.1)
+    m = v = np.zeros(2)
+    p = np.array([1.0, -2.0])
+    for grad in ([0.5, -1.0], [0.25, 2.0]):
+        param.grad = torch.tensor(grad)
+        bias.grad = torch.tensor([1.0])
+        optimizer.step()
+        m = 0.9 * m + 0.1 * np.array(grad)
+        v = 0.98 * v + 0.02 * np.array(grad) ** 2
+        p = p - 0.1 * (m / (np.sqrt(v) + 1e-6) + 0.2 * p)  # no bias correction, decoupled decay
+        assert param.detach().numpy() == pytest.approx(p, rel=1e-6)
+    assert bias.item() == pytest.approx(
+        0.5 - 0.1 * (0.1 / (math.sqrt(0.02) + 1e-6) + 0.19 / (math.sqrt(0.0396) + 1e-6))
+    )
+
+
+def test_param_groups_freezing_and_fp16_storage():
+    net = tiny_net()
+    freeze_embeddings(net)
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == set(FROZEN)
+    groups = param_groups(net, lr=1e-4, clip_lr=1e-7, weight_decay=0.2)
+    names = {id(p): n for n, p in net.named_parameters()}
+    for group in groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            assert group["lr"] == (1e-7 if name.startswith("clip.") else 1e-4), name
+            assert group["weight_decay"] == (0.0 if "bias" in name else 0.2), name
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in net.parameters())
+
+    clip_to_fp16(net.clip)
+    dtypes = {name: p.dtype for name, p in net.named_parameters()}
+    for half in ("clip.visual.conv1.weight", "clip.visual.proj", "clip.text_projection"):
+        assert dtypes[half] == torch.float16
+    assert dtypes["clip.visual.transformer.resblocks.0.attn.in_proj_weight"] == torch.float16
+    assert dtypes["clip.transformer.resblocks.0.mlp.c_fc.bias"] == torch.float16
+    for full in ("clip.visual.ln_pre.weight", "clip.visual.class_embedding", "clip.token_embedding.weight"):
+        assert dtypes[full] == torch.float32
+    assert dtypes["clip.logit_scale"] == torch.float32 and dtypes["temporal.position.weight"] == torch.float32
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch(shapes):
+    assert epoch_items(shapes, 3, 1) == epoch_items(shapes, 3, 1)
+    assert epoch_items(shapes, 3, 1) != epoch_items(shapes, 3, 2)
+    per_video = dataclasses.replace(shapes, expanded=False)
+    items = epoch_items(per_video, 3, 0)
+    assert sorted(v for v, _ in items) == list(range(len(shapes.videos)))
+    assert all(shapes.caption_video[c] == v for v, c in items)
+
+
+# --- gradient caching -----------------------------------------------------------------------------------------
+
+
+def _batch(shapes: CaptionSet, trainer: Trainer):
+    from ts2cli.evaluate import frame_sampler
+
+    _, sampler = frame_sampler("fixed", 4, 32)
+    pixels, mask = trainer.loaded.video_batch([sampler(path) for path in shapes.videos])
+    return tokenize(shapes.captions).ids, pixels, mask
+
+
+@pytest.mark.parametrize("head", ["ts2", "meanpool"])
+def test_micro_batches_give_the_gradients_of_one_big_batch(shapes, tmp_path, head):
+    net = tiny_net(spread_scores=False, frames=4, zero_shot=head == "meanpool")
+    loaded = LoadedModel(net=net, config=net.config, device=torch.device("cpu"), identity={})
+    options = TrainOptions(out_dir=tmp_path, batch_size=8, micro_batch=3, head=head)
+    trainer = Trainer(loaded, shapes, options)
+    ids, pixels, mask = _batch(shapes, trainer)
+
+    # Reference: one graph over the whole batch, micro-batches encoded with the same top-k noise.
+    chunks = [slice(0, 3), slice(3, 6), slice(6, 8)]
+    encoded = [(net.encode_text(ids[c]), *trainer.encode_chunk(pixels[c], mask[c], i)) for i, c in enumerate(chunks)]
+    text, frames, frame_mask = (torch.cat(parts) for parts in zip(*encoded, strict=True))
+    expected_loss = trainer_loss(trainer, text, frames, frame_mask)
+    expected_loss.backward()
+    expected = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    loss = trainer.backward(ids, pixels, mask)
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys() and "clip.logit_scale" in grads
+    for name, grad in grads.items():
+        # Equal up to float summation order, relative to each tensor's scale.
+        assert (grad - expected[name]).abs().max() <= 1e-5 * expected[name].abs().max(), name
+
+
+def trainer_loss(trainer: Trainer, text, frames, mask) -> torch.Tensor:
+    from ts2cli.model import symmetric_infonce
+
+    return symmetric_infonce(trainer.logits(text, frames, mask))
+
+
+# --- whole runs -----------------------------------------------------------------------------------------------
+
+
+class Recorder(TrainProgress):
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.stop_after = stop_after
+
+    def step_done(self, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+        self.lrs.append(lr)
+
+    def epoch_done(self, record) -> None:
+        if record.epoch == self.stop_after:
+            raise KeyboardInterrupt  # as if the run were killed after this epoch's checkpoint
+
+
+def test_short_run_learns(shapes, tmp_path):
+    options = TrainOptions(
+        out_dir=tmp_path / "run", epochs=8, batch_size=4, micro_batch=4, lr=2e-3, clip_lr=2e-3, warmup=0.05, seed=1
+    )
+    progress = Recorder()
+    summary = train(TINY, shapes, options, eval_data=shapes, progress=progress)
+    assert len(progress.losses) == 16 and progress.lrs[0] == 0.0
+    assert np.mean(progress.losses[-4:]) < 0.8 * np.mean(progress.losses[:4])
+    assert summary.epochs[-1].metrics is not None and summary.best_epoch is not None
+    # The last checkpoint is a TS2-Net that `ts2 index --checkpoint` loads as such.
+    loaded = load_model(ModelOptions(checkpoint=summary.checkpoint, device="cpu", frames=4))
+    assert loaded.identity["mode"] == "ts2net" and loaded.config.provenance["epoch"] == 8
+    assert all((tmp_path / "run" / f"epoch-{n}.safetensors").is_file() for n in range(1, 9))
+
+
+def test_resume_continues_exactly(shapes, tmp_path):
+    options = TrainOptions(out_dir=tmp_path / "straight", epochs=2, batch_size=4, micro_batch=2, lr=1e-3, seed=5)
+    straight = train(TINY, shapes, options)
+
+    interrupted = dataclasses.replace(options, out_dir=tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, shapes, interrupted, progress=Recorder(stop_after=1))
+    with pytest.raises(Ts2Error, match="--resume"):
+        train(TINY, shapes, interrupted)
+    with pytest.raises(Ts2Error, match="lr"):
+        train(TINY, shapes, dataclasses.replace(interrupted, resume=True, lr=5e-4))
+    resumed = train(TINY, shapes, dataclasses.replace(interrupted, resume=True))
+
+    assert [e.loss for e in resumed.epochs] == [e.loss for e in straight.epochs]
+    _, a = read_checkpoint(straight.checkpoint)
+    _, b = read_checkpoint(resumed.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_fp16_step_keeps_fp16_weights(shapes, tmp_path):
+    options = TrainOptions(out_dir=tmp_path, epochs=1, batch_size=4, micro_batch=4, clip_lr=1e-3, clip_fp16=True)
+    summary = train(TINY, shapes, options)
+    assert math.isfinite(summary.epochs[0].loss)
+    _, state = read_checkpoint(summary.checkpoint)
+    assert state["clip.visual.proj"].dtype == torch.float16 and state["temporal.position.weight"].dtype == torch.float32
+
+
+def test_cli_train_then_eval(shapes, tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    csv = shapes.videos[0].parents[1] / "captions.csv"
+    model = ["--model", str(config), "--pretrained", "none", "--device", "cpu", "--frames", "4", "--json"]
+    runner = CliRunner()
+    run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--eval-csv", str(csv)]
+    trained = runner.invoke(app, ["train", "captions", "--csv", str(csv), *run, *model])
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout)
+    assert summary["last_epoch"] == 1 and summary["epochs"][0]["metrics"]["t2v"]["R@1"] >= 0
+
+    scored = runner.invoke(
+        app, ["eval", "captions", "--csv", str(csv), "--checkpoint", summary["checkpoint"], "--no-cache", *model]
+    )
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["queries"] == len(shapes.captions)

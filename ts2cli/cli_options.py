@@ -1,0 +1,35 @@
+"""Typer option types shared by every command that loads a model (``ts2cli.cli`` and ``ts2cli.cli_research``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelName = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="open_clip model name (a CLIP ViT), or an open_clip JSON config file.",
+        rich_help_panel="Model",
+    ),
+]
+Pretrained = Annotated[
+    str,
+    typer.Option("--pretrained", help="open_clip weights tag, or a local CLIP weights file.", rich_help_panel="Model"),
+]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="TS2-Net weights (ts2's own or official).", rich_help_panel="Model"),
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
+Compat = Annotated[
+    str,
+    typer.Option(
+        "--compat",
+        help="fixed (corrected) or official (reproduces the paper's code).",
+        rich_help_panel="Model",
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]

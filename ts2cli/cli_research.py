@@ -1,0 +1,433 @@
+"""``ts2 eval`` and ``ts2 train``: measure retrieval quality and fine-tune TS2-Net (thin commands, see
+``ts2cli.evaluate`` and ``ts2cli.train``). Heavy modules are imported inside the commands so ``ts2 --help`` stays
+fast, and ``ts2cli.cli`` (which imports this module) only inside them too, to avoid an import cycle."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .cli_options import Checkpoint, Compat, Device, JsonFlag, ModelName, Pretrained
+from .errors import Ts2Error
+
+if TYPE_CHECKING:
+    from .datasets import CaptionSet
+    from .evaluate import EvalResult
+    from .model import ModelOptions
+    from .train import EpochRecord, TrainSummary
+
+eval_app = typer.Typer(
+    help="Retrieval metrics (R@1/5/10, MdR, MnR) on MSR-VTT 1k-A or your own caption list.", no_args_is_help=True
+)
+train_app = typer.Typer(help="Fine-tune TS2-Net from CLIP with the paper's recipe.", no_args_is_help=True)
+
+METRIC_KEYS = ("R@1", "R@5", "R@10", "MdR", "MnR")
+DIRECTIONS = {
+    "t2v": "text → video",
+    "v2t": "video → text",
+    "t2v_dsl": "text → video, DSL",
+    "v2t_dsl": "video → text, DSL",
+}
+
+# --- options ----------------------------------------------------------------------------------------------------
+Frames = Annotated[int, typer.Option("--frames", min=1, help="Frames per video (T).", rich_help_panel="Model")]
+Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")]
+AllowMissing = Annotated[
+    bool, typer.Option("--allow-missing", help="Use the videos that exist when some listed ones are missing.")
+]
+Ties = Annotated[
+    str, typer.Option("--ties", help="strict (one rank per query) or official (the reference's tie counting).")
+]
+Dsl = Annotated[
+    bool, typer.Option("--dsl", help="Also report metrics after the inverted softmax (transductive: uses all queries).")
+]
+CacheDir = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Feature cache folder (default: the user cache folder).")
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write cached video features.")]
+EvalBatch = Annotated[int, typer.Option("--batch-size", min=1, help="Videos per model batch.")]
+
+Out = Annotated[Path, typer.Option("--out", help="Folder for checkpoints (epoch-N.safetensors, last.safetensors).")]
+Epochs = Annotated[int, typer.Option("--epochs", min=1, rich_help_panel="Recipe")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.", rich_help_panel="Recipe")]
+MicroBatch = Annotated[
+    int, typer.Option("--micro-batch", min=1, help="Videos encoded at once (memory).", rich_help_panel="Recipe")
+]
+Lr = Annotated[float, typer.Option("--lr", help="lr of the new parts.", rich_help_panel="Recipe")]
+ClipLr = Annotated[float, typer.Option("--clip-lr", help="lr of the CLIP backbone.", rich_help_panel="Recipe")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", rich_help_panel="Recipe")]
+Warmup = Annotated[float, typer.Option("--warmup", help="Warm-up share of all steps.", rich_help_panel="Recipe")]
+Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Recipe")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.", rich_help_panel="Recipe"
+    ),
+]
+ClipFp16 = Annotated[
+    bool,
+    typer.Option(
+        "--clip-fp16", help="The paper's setting: CLIP weights stored and updated in fp16.", rich_help_panel="Recipe"
+    ),
+]
+SimulateRanks = Annotated[
+    int,
+    typer.Option(
+        "--simulate-ranks",
+        min=1,
+        help="Scale gradients as the paper's N-GPU run did (8 for parity).",
+        rich_help_panel="Recipe",
+    ),
+]
+HeadOption = Annotated[
+    str, typer.Option("--head", help="ts2, or meanpool (baseline: mean of CLIP frames).", rich_help_panel="Recipe")
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")]
+EvalCsv = Annotated[
+    Path | None, typer.Option("--eval-csv", help="Held-out video,caption list scored after each epoch.")
+]
+EvalVideos = Annotated[Path | None, typer.Option("--eval-videos", help="Folder of the --eval-csv videos.")]
+TrainPretrained = Annotated[
+    str,
+    typer.Option(
+        "--pretrained",
+        help="open_clip weights tag, a local CLIP weights file, or none (random weights).",
+        rich_help_panel="Model",
+    ),
+]
+
+
+# --- ts2 eval ---------------------------------------------------------------------------------------------------
+@eval_app.command("msrvtt")
+def eval_msrvtt(
+    data: Annotated[Path, typer.Option("--data", help="Folder with MSRVTT_JSFUSION_test.csv and the videos.")],
+    allow_missing: AllowMissing = False,
+    dsl: Dsl = False,
+    ties: Ties = "strict",
+    batch_size: EvalBatch = 16,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
+    frames: Frames = 12,
+    model: ModelName = "ViT-B-32",
+    pretrained: Pretrained = "openai",
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    compat: Compat = "fixed",
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a model on MSR-VTT 1k-A (1000 captions, one video each), CLIP4Clip's folder layout."""
+
+    def load() -> CaptionSet:
+        from .datasets import load_msrvtt_test
+        from .evaluate import check_msrvtt_dir
+
+        check_msrvtt_dir(data)
+        return load_msrvtt_test(data, allow_missing=allow_missing)
+
+    options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames), options, as_json)
+
+
+@eval_app.command("captions")
+def eval_captions(
+    csv: Annotated[Path, typer.Option("--csv", help="A video,caption list (header row required).")],
+    videos: Annotated[Path | None, typer.Option("--videos", help="Folder the CSV's paths are relative to.")] = None,
+    allow_missing: AllowMissing = False,
+    dsl: Dsl = False,
+    ties: Ties = "strict",
+    batch_size: EvalBatch = 16,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
+    frames: Frames = 12,
+    model: ModelName = "ViT-B-32",
+    pretrained: Pretrained = "openai",
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    compat: Compat = "fixed",
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a model on your own captioned videos (a video may have several captions)."""
+
+    def load() -> CaptionSet:
+        from .datasets import load_caption_csv
+
+        return load_caption_csv(csv, videos, allow_missing=allow_missing)
+
+    options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames), options, as_json)
+
+
+def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, cache_dir: Path | None, no_cache: bool):
+    from .evaluate import EvalOptions, default_cache_dir
+
+    if ties not in ("strict", "official"):
+        raise Ts2Error(f"Unknown --ties '{ties}'; use strict or official.")
+    cache = None if no_cache else (cache_dir or default_cache_dir())
+    return EvalOptions(batch_size=batch_size, workers=workers, ties=ties, dsl=dsl, cache_dir=cache)  # type: ignore[arg-type]
+
+
+def _model(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int):
+    from .cli import model_options
+
+    options = model_options(model, pretrained, checkpoint, device, compat)
+    weights = None if pretrained.lower() == "none" else options.pretrained
+    return dataclasses.replace(options, pretrained=weights, frames=frames)
+
+
+def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any, as_json: bool) -> None:
+    from .cli import console, print_json
+    from .evaluate import evaluate
+    from .model import load_model
+
+    data = load()
+    loaded = load_model(model)
+    with ResearchProgress(console, enabled=not as_json) as bar:
+        result = evaluate(loaded, data, options, progress=bar)
+    if as_json:
+        print_json(result.to_json())
+        return
+    console.print(eval_table(result))
+    if result.failed:
+        shown = "; ".join(f"{video}: {reason}" for video, reason in result.failed[:3])
+        more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
+        console.print(
+            f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] (counted as misses): {shown}{more}"
+        )
+    if result.missing:
+        console.print(
+            f"[yellow]{len(result.missing)} listed videos are missing[/yellow]: not comparable to full-set numbers."
+        )
+
+
+def eval_table(result: EvalResult) -> Table:
+    cache = result.cache
+    table = Table(
+        title=f"{result.queries} captions × {result.videos} videos",
+        caption=(
+            f"ties: {result.ties}; frames: {result.sampling}; cached {cache['hits']}, decoded {cache['decoded']}"
+            + ("; DSL = inverted softmax over all queries (transductive)" if "t2v_dsl" in result.metrics else "")
+        ),
+    )
+    table.add_column("direction")
+    for key in METRIC_KEYS:
+        table.add_column(key, justify="right")
+    for name, label in DIRECTIONS.items():
+        if name in result.metrics:
+            table.add_row(label, *(f"{result.metrics[name][key]:.1f}" for key in METRIC_KEYS))
+    return table
+
+
+# --- ts2 train --------------------------------------------------------------------------------------------------
+@train_app.command("msrvtt")
+def train_msrvtt(
+    data: Annotated[Path, typer.Option("--data", help="Folder with MSRVTT_train.9k.csv, MSRVTT_data.json, videos.")],
+    out: Out,
+    eval_test: Annotated[
+        bool, typer.Option("--eval-test", help="Score the 1k-A test split after each epoch, as the paper does.")
+    ] = False,
+    per_video: Annotated[
+        bool, typer.Option("--per-video", help="One item per video with a random caption (default: per caption).")
+    ] = False,
+    allow_missing: AllowMissing = False,
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 128,
+    micro_batch: MicroBatch = 16,
+    lr: Lr = 1e-4,
+    clip_lr: ClipLr = 1e-7,
+    weight_decay: WeightDecay = 0.2,
+    warmup: Warmup = 0.1,
+    seed: Seed = 42,
+    precision: Precision = "auto",
+    clip_fp16: ClipFp16 = False,
+    simulate_ranks: SimulateRanks = 1,
+    head: HeadOption = "ts2",
+    resume: Resume = False,
+    workers: Workers = None,
+    frames: Frames = 12,
+    model: ModelName = "ViT-B-32",
+    pretrained: TrainPretrained = "openai",
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    compat: Compat = "fixed",
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune on MSR-VTT 9k (180k caption-video pairs per epoch), CLIP4Clip's folder layout."""
+    from .datasets import load_msrvtt_test, load_msrvtt_train
+    from .evaluate import check_msrvtt_dir
+
+    check_msrvtt_dir(data, training=True)
+    train_set = load_msrvtt_train(data, expand_sentences=not per_video, allow_missing=allow_missing)
+    eval_set = None
+    if eval_test:
+        check_msrvtt_dir(data)
+        eval_set = load_msrvtt_test(data, allow_missing=allow_missing)
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
+    _run_train(train_set, eval_set, f"MSR-VTT 9k ({data})", model_choice, _train_options(locals()), as_json)
+
+
+@train_app.command("captions")
+def train_captions(
+    csv: Annotated[Path, typer.Option("--csv", help="Training video,caption list (header row required).")],
+    out: Out,
+    videos: Annotated[Path | None, typer.Option("--videos", help="Folder the CSV's paths are relative to.")] = None,
+    eval_csv: EvalCsv = None,
+    eval_videos: EvalVideos = None,
+    allow_missing: AllowMissing = False,
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 128,
+    micro_batch: MicroBatch = 16,
+    lr: Lr = 1e-4,
+    clip_lr: ClipLr = 1e-7,
+    weight_decay: WeightDecay = 0.2,
+    warmup: Warmup = 0.1,
+    seed: Seed = 42,
+    precision: Precision = "auto",
+    clip_fp16: ClipFp16 = False,
+    simulate_ranks: SimulateRanks = 1,
+    head: HeadOption = "ts2",
+    resume: Resume = False,
+    workers: Workers = None,
+    frames: Frames = 12,
+    model: ModelName = "ViT-B-32",
+    pretrained: TrainPretrained = "openai",
+    checkpoint: Checkpoint = None,
+    device: Device = "auto",
+    compat: Compat = "fixed",
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune on your own captioned videos (one item per caption and epoch)."""
+    from .datasets import load_caption_csv
+
+    train_set = load_caption_csv(csv, videos, allow_missing=allow_missing)
+    eval_set = load_caption_csv(eval_csv, eval_videos, allow_missing=allow_missing) if eval_csv else None
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
+    _run_train(train_set, eval_set, str(csv), model_choice, _train_options(locals()), as_json)
+
+
+def _train_options(args: dict[str, Any]):
+    """TrainOptions from a command's arguments (``locals()``): its parameter names are TrainOptions' fields."""
+    from .evaluate import HEADS
+    from .train import TrainOptions
+
+    if args["head"] not in HEADS:
+        raise Ts2Error(f"Unknown --head '{args['head']}'; use {' or '.join(HEADS)}.")
+    names = [f.name for f in dataclasses.fields(TrainOptions) if f.name in args]
+    return TrainOptions(**{"out_dir": args["out"], **{name: args[name] for name in names}})
+
+
+def _run_train(
+    train_set: CaptionSet,
+    eval_set: CaptionSet | None,
+    name: str,
+    model: ModelOptions,
+    options: Any,
+    as_json: bool,
+) -> None:
+    from .cli import console, print_json
+    from .train import train
+
+    with ResearchProgress(console, enabled=not as_json) as bar:
+        summary = train(model, train_set, options, eval_data=eval_set, data_name=name, progress=bar)
+    if as_json:
+        print_json(summary.to_json())
+    else:
+        console.print(train_table(summary))
+
+
+def train_table(summary: TrainSummary) -> Table:
+    best, last = summary.best_epoch, summary.epochs[-1] if summary.epochs else None
+    notes = [f"use with: ts2 index --checkpoint {summary.checkpoint}"]
+    if best is not None and last is not None:
+        # The paper keeps the best epoch on the test list (spec §10.1 quirk 9): the last one is the honest number.
+        notes.insert(0, f"best t2v R@1 at epoch {best.epoch}, last epoch {last.epoch}")
+    if summary.failed:
+        notes.append(f"{len(summary.failed)} videos could not be decoded and were left out")
+    table = Table(title=f"training: {summary.steps} steps", caption="; ".join(notes))
+    for column in ("epoch", "loss", "t2v R@1", "t2v R@5", "t2v R@10", "v2t R@1", "checkpoint"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for record in summary.epochs:
+        t2v = (record.metrics or {}).get("t2v", {})
+        v2t = (record.metrics or {}).get("v2t", {})
+        scores = [t2v.get("R@1"), t2v.get("R@5"), t2v.get("R@10"), v2t.get("R@1")]
+        cells = ["-" if s is None else f"{s:.1f}" for s in scores]
+        table.add_row(str(record.epoch), f"{record.loss:.4f}", *cells, Path(record.checkpoint).name)
+    return table
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+class ResearchProgress:
+    """Rich progress for both commands: decoding/encoding counts, then training steps with loss and lr."""
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> ResearchProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def _new_task(self, description: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, info="")
+
+    # EvalProgress
+    def start(self, description: str, total: int) -> None:
+        self._new_task(description, total)
+
+    def advance(self, count: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, count)
+
+    def failed(self, name: str, reason: str) -> None:
+        if self.enabled:
+            self._progress.console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
+
+    # TrainProgress
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._new_task(f"epoch {epoch}/{epochs}", steps)
+
+    def step_done(self, loss: float, lr: float) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=1, info=f"loss {loss:.4f}  lr {lr:.2e}")
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        if not self.enabled:
+            return
+        scored = ""
+        if record.metrics:
+            scored = f", t2v R@1 {record.metrics['t2v']['R@1']:.1f}, v2t R@1 {record.metrics['v2t']['R@1']:.1f}"
+        self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {record.checkpoint}")

@@ -1,0 +1,435 @@
+"""``ts2 eval``: text↔video retrieval metrics of a model on MSR-VTT 1k-A or any caption list (spec §11).
+
+The pipeline: sample each video's frames (the reference's 1-fps rule under ``--compat official``, ts2's uniform
+sampler otherwise), encode them into per-frame features, encode the captions, score every caption against every
+video with the model's similarity head, scaled by exp(logit_scale) as the reference does (the scale matters for
+the inverted softmax), and summarise ranks as R@K, MdR and MnR.
+
+Per-video features are cached on disk, keyed by the model, the sampling and the file (path, size, mtime), so a
+second run with other metric settings (``--dsl``, ``--ties``) decodes nothing. Under ``--compat official`` the
+token selection is stochastic (spec §10.1 quirk 5): the cache keeps the features of the run that computed them.
+
+A video that cannot be decoded is not fatal: it is reported, and its column scores NaN, which the metrics count
+as a miss for its captions (the reference would produce NaN through an all-zero mask, spec §10.1 quirk 6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import MSRVTT_DATA_JSON, MSRVTT_TEST_CSV, MSRVTT_TRAIN_CSV, MSRVTT_VIDEO_DIRS, CaptionSet
+from .decode import sample_frames
+from .errors import Ts2Error
+from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
+from .model import LoadedModel, TS2Net
+from .model.config import Compat
+from .official_sampling import sample_official
+from .store import MODEL_SOURCE_KEY
+
+Head = Literal["ts2", "meanpool"]
+HEADS: tuple[Head, ...] = ("ts2", "meanpool")
+FrameSampler = Callable[[Path], np.ndarray]
+"""A video file → (n, S, S, 3) uint8 frames; raises ``VideoDecodeError``."""
+
+SAMPLING_VERSION = 1
+"""Bumped whenever a sampler changes the frames it returns, so that old cached features are not reused."""
+CAPTION_BATCH = 256
+SCORE_BLOCK = 256
+"""Captions scored per block: (block × videos × frames) floats stay small even for 1000 × 1000."""
+CACHE_FORMAT = "ts2-eval-features/1"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    batch_size: int = 16
+    workers: int | None = None
+    ties: TieMode = "strict"
+    dsl: bool = False
+    cache_dir: Path | None = None
+    """Where per-video features are cached; None disables the cache."""
+
+
+class EvalProgress:
+    """What evaluation reports while it runs; the CLI draws it with rich, tests ignore it."""
+
+    def start(self, description: str, total: int) -> None: ...
+
+    def advance(self, count: int = 1) -> None: ...
+
+    def failed(self, name: str, reason: str) -> None: ...
+
+
+@dataclass
+class VideoFeatures:
+    frames: np.ndarray
+    """(V, T, D) float32 per-frame features; zeros for failed videos."""
+    mask: np.ndarray
+    """(V, T) bool valid frames; all False for failed videos."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Video index → one-line reason it could not be decoded."""
+    cached: int = 0
+    decoded: int = 0
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, dict[str, float]]
+    """``t2v`` and ``v2t``, plus ``t2v_dsl`` and ``v2t_dsl`` with the inverted softmax."""
+    videos: int
+    queries: int
+    ties: TieMode
+    sampling: str
+    failed: list[tuple[str, str]]
+    missing: list[str]
+    truncated: int
+    """Captions cut to the model's 32-token context."""
+    cache: dict[str, int]
+    model: dict[str, Any]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.metrics,
+            "videos": self.videos,
+            "queries": self.queries,
+            "ties": self.ties,
+            "transductive": [k for k in self.metrics if k.endswith("_dsl")],
+            "sampling": self.sampling,
+            "failed": [{"video": v, "reason": r} for v, r in self.failed],
+            "missing": self.missing,
+            "truncated_captions": self.truncated,
+            "cache": self.cache,
+            "model": {k: v for k, v in self.model.items() if k != MODEL_SOURCE_KEY},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def check_msrvtt_dir(data_dir: Path, *, training: bool = False) -> None:
+    """One message naming every missing piece of the CLIP4Clip MSR-VTT layout, and where it was looked for."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise Ts2Error(f"MSR-VTT data folder {data_dir} does not exist (give it with --data).")
+    needed = [MSRVTT_TRAIN_CSV, MSRVTT_DATA_JSON] if training else [MSRVTT_TEST_CSV]
+    missing = [name for name in needed if not (data_dir / name).is_file()]
+    folders = [data_dir / d for d in MSRVTT_VIDEO_DIRS]
+    if not any(_has_msrvtt_video(folder) for folder in folders):
+        missing.append("the videos (videoNNNN.mp4 or .webm in " + ", ".join(f"{f}/" for f in folders) + ")")
+    if missing:
+        raise Ts2Error(
+            f"MSR-VTT data in {data_dir} is incomplete: missing {'; '.join(missing)}. The lists come from "
+            "CLIP4Clip's msrvtt_data.zip, the videos from the MSR-VTT download."
+        )
+
+
+def _has_msrvtt_video(folder: Path) -> bool:
+    try:
+        return any(
+            entry.name.startswith("video") and entry.name.endswith((".mp4", ".webm")) for entry in os.scandir(folder)
+        )
+    except OSError:
+        return False
+
+
+# --- frames and features --------------------------------------------------------------------------------------
+
+
+def frame_sampler(compat: Compat, frames: int, size: int) -> tuple[str, FrameSampler]:
+    """The sampler of a compat mode (spec §1) and a name for it that changes whenever its output would."""
+    if compat == "official":
+
+        def official(path: Path) -> np.ndarray:
+            return sample_official(path, size=size, max_frames=frames).frames
+
+        return f"official-1fps-pil/v{SAMPLING_VERSION}/{frames}x{size}", official
+
+    def uniform(path: Path) -> np.ndarray:
+        return sample_frames(path, num_frames=frames, size=size).frames
+
+    return f"uniform-swscale/v{SAMPLING_VERSION}/{frames}x{size}", uniform
+
+
+def default_cache_dir() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("ts2") / "eval"
+
+
+class FeatureCache:
+    """Per-video per-frame features on disk, one ``.npz`` per (model, sampling, file version)."""
+
+    def __init__(self, directory: Path, loaded: LoadedModel, sampling: str) -> None:
+        source = loaded.identity.get(MODEL_SOURCE_KEY, {})
+        # Paths in the source move; the weights' fingerprints and the backbone config say what the model is.
+        model = {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
+        key = {"model": model, "backbone_cfg": source.get("backbone_cfg"), "sampling": sampling}
+        # Features from a GPU (fp16) and a CPU (fp32) differ slightly: keep them apart.
+        key["device"] = loaded.device.type
+        self.key = _digest(key)
+        self.directory = Path(directory) / self.key[:16]
+
+    def _file(self, video: Path) -> Path | None:
+        try:
+            stat = video.stat()
+        except OSError:
+            return None
+        version = {"path": os.path.abspath(video), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return self.directory / f"{_digest({'model': self.key, **version})}.npz"
+
+    def load(self, video: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        file = self._file(video)
+        if file is None or not file.is_file():
+            return None
+        try:
+            with np.load(file) as data:
+                return data["frames"], data["mask"]
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is recomputed and overwritten
+
+    def save(self, video: Path, frames: np.ndarray, mask: np.ndarray) -> None:
+        file = self._file(video)
+        if file is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Temp file + rename: a run killed mid-write never leaves a truncated entry behind.
+        handle, partial = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, frames=frames, mask=mask)
+        os.replace(partial, file)
+
+
+def _digest(data: dict[str, Any]) -> str:
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def decode_ahead(
+    items: Sequence[T], decode: Callable[[T], np.ndarray], workers: int, ahead: int
+) -> Iterator[tuple[T, np.ndarray | str]]:
+    """``decode(item)`` for every item, in order, with up to ``ahead`` decodes running in ``workers`` threads.
+
+    PyAV releases the GIL while decoding, so threads overlap decoding with the model. A failure comes back as
+    a one-line reason instead of an exception: one broken file must never stop a run.
+    """
+    queue: deque[tuple[T, Future[np.ndarray]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
+        try:
+            for item in items:
+                queue.append((item, pool.submit(decode, item)))
+                if len(queue) >= max(ahead, workers):
+                    yield _outcome(*queue.popleft())
+            while queue:
+                yield _outcome(*queue.popleft())
+        finally:
+            for _, future in queue:
+                future.cancel()
+
+
+def _outcome(item: T, future: Future[np.ndarray]) -> tuple[T, np.ndarray | str]:
+    try:
+        return item, future.result()
+    except Ts2Error as error:
+        return item, str(error)
+    except Exception as error:  # a broken file must never abort the run
+        return item, f"could not decode: {type(error).__name__}: {error}".splitlines()[0]
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def encode_videos(
+    loaded: LoadedModel,
+    videos: Sequence[Path],
+    sampler: FrameSampler,
+    *,
+    cache: FeatureCache | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    progress: EvalProgress | None = None,
+) -> VideoFeatures:
+    """Per-frame features of every video, from the cache where possible, else decoded and encoded in batches."""
+    progress = progress or EvalProgress()
+    count, frames = len(videos), loaded.config.frames
+    result = VideoFeatures(
+        frames=np.zeros((count, frames, loaded.embed_dim), dtype=np.float32),
+        mask=np.zeros((count, frames), dtype=bool),
+    )
+    progress.start("encoding videos", count)
+    todo = []
+    for index, video in enumerate(videos):
+        hit = cache.load(video) if cache is not None else None
+        if hit is not None and hit[0].shape == result.frames.shape[1:]:
+            result.frames[index], result.mask[index] = hit
+            result.cached += 1
+            progress.advance()
+        else:
+            todo.append(index)
+
+    def decode(index: int) -> np.ndarray:
+        return sampler(videos[index])
+
+    batch: list[tuple[int, np.ndarray]] = []
+    for index, outcome in decode_ahead(todo, decode, workers or default_workers(), 2 * batch_size):
+        if isinstance(outcome, str):
+            result.failed[index] = outcome
+            progress.failed(str(videos[index]), outcome)
+            progress.advance()
+            continue
+        batch.append((index, outcome))
+        if len(batch) == batch_size:
+            _encode_batch(loaded, batch, videos, result, cache, progress)
+            batch = []
+    if batch:
+        _encode_batch(loaded, batch, videos, result, cache, progress)
+    return result
+
+
+def _encode_batch(
+    loaded: LoadedModel,
+    batch: list[tuple[int, np.ndarray]],
+    videos: Sequence[Path],
+    result: VideoFeatures,
+    cache: FeatureCache | None,
+    progress: EvalProgress,
+) -> None:
+    features, mask = loaded.encode_pixels(*loaded.video_batch([frames for _, frames in batch]))
+    for (index, _), video_features, video_mask in zip(batch, features, mask, strict=True):
+        result.frames[index], result.mask[index] = video_features, video_mask
+        if cache is not None:
+            cache.save(videos[index], video_features, video_mask)
+    result.decoded += len(batch)
+    progress.advance(len(batch))
+
+
+def encode_captions(loaded: LoadedModel, captions: Sequence[str]) -> tuple[np.ndarray, int]:
+    """(C, D) caption features and how many captions were cut to the context length."""
+    parts, truncated = [], 0
+    for start in range(0, len(captions), CAPTION_BATCH):
+        features, cut = loaded.encode_texts(list(captions[start : start + CAPTION_BATCH]))
+        parts.append(features)
+        truncated += sum(cut)
+    return np.concatenate(parts) if parts else np.zeros((0, loaded.embed_dim), np.float32), truncated
+
+
+# --- scores and metrics ---------------------------------------------------------------------------------------
+
+
+def head_of(loaded: LoadedModel) -> Head:
+    """The similarity head a model was trained with: TS2-Net's, or the mean-pooling baseline of ``ts2 train``."""
+    head = loaded.config.provenance.get("head", "ts2")
+    return head if head in HEADS else "ts2"
+
+
+def head_scores(net: TS2Net, head: Head, text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(Bt, Bv) scores in [-1, 1] for (Bt, D) texts and (Bv, T, D) frames with their (Bv, T) mask."""
+    if head == "ts2":
+        return net.similarity(text, frames, mask)[0]
+    return mean_pooled_similarity(text, frames, mask)
+
+
+def mean_pooled_similarity(
+    text: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, eps: float = 1e-12
+) -> torch.Tensor:
+    """The baseline head (CLIP4Clip's "meanP" without its extras): a video is the normalised mean of its unit
+    frame features, scored by cosine. It sees a video as an unordered bag of frames."""
+    valid = mask.to(frames.dtype).unsqueeze(-1)
+    pooled = (F.normalize(frames.float(), dim=-1, eps=eps) * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+    return F.normalize(text.float(), dim=-1, eps=eps) @ F.normalize(pooled, dim=-1, eps=eps).t()
+
+
+@torch.inference_mode()
+def similarity_matrix(
+    loaded: LoadedModel, text: np.ndarray, videos: VideoFeatures, head: Head | None = None
+) -> np.ndarray:
+    """(captions × videos) scores times exp(logit_scale), as the reference's test matrix; NaN for failed videos."""
+    net, head = loaded.net, head or head_of(loaded)
+    frames, mask = torch.from_numpy(videos.frames), torch.from_numpy(videos.mask)
+    scale = float(net.clip.logit_scale.detach().float().exp())
+    sim = np.empty((len(text), len(frames)), dtype=np.float32)
+    for start in range(0, len(text), SCORE_BLOCK):
+        block = torch.from_numpy(text[start : start + SCORE_BLOCK])
+        sim[start : start + len(block)] = scale * head_scores(net, head, block, frames, mask).float().numpy()
+    sim[:, list(videos.failed)] = np.nan
+    return sim
+
+
+def retrieval_report(
+    sim: np.ndarray, caption_video: np.ndarray, *, ties: TieMode = "strict", dsl: bool = False
+) -> dict[str, dict[str, float]]:
+    """t2v and v2t metrics of a (captions × videos) matrix; with ``dsl`` also after the inverted softmax."""
+    report = {
+        "t2v": retrieval_metrics(sim, targets=caption_video, ties=ties),
+        "v2t": video_to_text_metrics(sim, caption_video, ties=ties),
+    }
+    if dsl:
+        rescored = inverted_softmax(sim)
+        report["t2v_dsl"] = retrieval_metrics(rescored, targets=caption_video, ties=ties)
+        report["v2t_dsl"] = video_to_text_metrics(rescored, caption_video, ties=ties)
+    return report
+
+
+# --- the whole evaluation -------------------------------------------------------------------------------------
+
+
+def evaluate(
+    loaded: LoadedModel,
+    data: CaptionSet,
+    options: EvalOptions = EvalOptions(),
+    *,
+    progress: EvalProgress | None = None,
+    sampler: FrameSampler | None = None,
+    head: Head | None = None,
+) -> EvalResult:
+    """Metrics of ``loaded`` on ``data``. ``sampler`` replaces the compat mode's sampler (training passes one
+    that keeps decoded frames in memory); the feature cache is only used with the default sampler."""
+    started = time.perf_counter()
+    config = loaded.config
+    sampling, default_sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
+    cache = None
+    if options.cache_dir is not None and sampler is None:
+        cache = FeatureCache(options.cache_dir, loaded, sampling)
+    if loaded.net.selector is not None:
+        loaded.net.selector.reseed(config.seed)  # the official mode's stochastic top-k repeats run to run
+    videos = encode_videos(
+        loaded,
+        data.videos,
+        sampler or default_sampler,
+        cache=cache,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        progress=progress,
+    )
+    text, truncated = encode_captions(loaded, data.captions)
+    sim = similarity_matrix(loaded, text, videos, head)
+    return EvalResult(
+        metrics=retrieval_report(sim, data.caption_video, ties=options.ties, dsl=options.dsl),
+        videos=len(data.videos),
+        queries=len(data.captions),
+        ties=options.ties,
+        sampling=sampling,
+        failed=[(data.video_ids[i], reason) for i, reason in sorted(videos.failed.items())],
+        missing=list(data.missing),
+        truncated=truncated,
+        cache={"hits": videos.cached, "decoded": videos.decoded, "failed": len(videos.failed)},
+        model=loaded.identity,
+        seconds=time.perf_counter() - started,
+    )
