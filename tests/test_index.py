@@ -205,18 +205,22 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
         assert len(set(ids.tolist())) == 24 == len(vectors)
 
 
-def test_second_concurrent_index_exits_with_a_clear_message(tmp_path, tiny_files, many_videos):
+def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_videos):
+    """While one writer holds the library (here: this test, through the same lock ts2 index takes), another
+    `ts2 index` exits with a clear message, or with --wait waits for it and then runs."""
     library = tmp_path / "lib"
-    command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ts2_index(many_videos, library, tiny_files)
+    holder = Library.open(library, write=True, create=True)
     try:
-        wait_for(lambda: count_ok(library) >= 1 or first.poll() is not None)
-        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0
-        assert "Another ts2 index is running" in second.stderr and "Traceback" not in second.stderr
-        assert first.wait(timeout=300) == 0
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "Another ts2 index is running" in refused.stderr and "Traceback" not in refused.stderr
+        waiting = subprocess.Popen([*command, "--wait", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(2.0)
+        assert waiting.poll() is None, "the second run did not wait for the lock"
     finally:
-        first.kill()
+        holder.close()
+    assert waiting.wait(timeout=300) == 0
     assert count_ok(library) == 24
     env = {**os.environ, "TS2_HOME": str(library)}
     status = subprocess.run(
