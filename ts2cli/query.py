@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .decode import sample_frames
 from .errors import LibraryError, Ts2Error
@@ -26,6 +27,10 @@ def load_library_model(
         if MODEL_SOURCE_KEY not in stored:
             raise LibraryError("The library does not record its model; pass --model/--pretrained/--checkpoint.")
         options = options_from_source(stored[MODEL_SOURCE_KEY], device)
+    if text_only:
+        # One 32-token query is too small to split: on the shared 2-core test machine one thread encoded it in
+        # 182 ms (median) against 657 ms with two (benchmarks/search_bench.py).
+        torch.set_num_threads(1)
     model = load_model(options, text_only=text_only)
     if not same_model(model.identity, stored):
         raise LibraryError(
