@@ -509,9 +509,11 @@ def train(
     eval_data: CaptionSet | None = None,
     data_name: str = "",
     progress: TrainProgress | None = None,
+    frames: FrameMemory | None = None,
 ) -> TrainSummary:
     """Train for ``options.epochs`` epochs (or what is left of them with ``resume``), checkpointing each one and
-    evaluating on ``eval_data`` after each when given."""
+    evaluating on ``eval_data`` after each when given. ``frames`` lets several runs over the same videos share
+    their decoded frames (it must sample as the model's compat mode, frame count and image size say)."""
     started = time.perf_counter()
     progress = progress or TrainProgress()
     _check(options, data)
@@ -525,10 +527,8 @@ def train(
         trainer.load_state_dict(state)
     config = loaded.config
     sampling, sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
-    budget = options.frame_memory_mb * 1024 * 1024
-    frames = FrameMemory(sampler, budget)
-    eval_frames = FrameMemory(sampler, budget) if eval_data is not None else None
-    started_from = loaded.config.provenance.get("started_from") if state else None
+    frames = frames or FrameMemory(sampler, options.frame_memory_mb * 1024 * 1024)
+    started_from = config.provenance.get("started_from") if state else None
     started_from = started_from or {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
 
     while trainer.epoch < options.epochs:
@@ -537,8 +537,8 @@ def train(
         loss, lr = trainer.run_epoch(frames, progress)
         trainer.epoch += 1
         metrics = None
-        if eval_data is not None and eval_frames is not None:
-            metrics = _evaluate(trainer, eval_data, eval_frames, progress)
+        if eval_data is not None:
+            metrics = _evaluate(trainer, eval_data, frames, progress)
         record = EpochRecord(
             epoch=trainer.epoch,
             loss=loss,
