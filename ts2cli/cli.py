@@ -101,7 +101,9 @@ def index_command(
     library: LibraryDir = None,
     exclude: Annotated[list[str], typer.Option("--exclude", help="Skip files or folders matching this glob.")] = [],  # noqa: B006
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Videos per model batch.")] = 8,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Videos per model batch (default: auto).")
+    ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget the library's videos and re-index.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,

@@ -1,8 +1,14 @@
 """``ts2 index``: scan folders, decode T frames per new or changed video, embed, and store them in the library.
 
-Decoding runs in worker threads ahead of the model through a bounded queue (PyAV releases the GIL while it
-decodes), batches span videos so the model stays busy, and the library commits every few videos so an
-interrupted run loses at most one batch and resumes where it stopped.
+Decoding runs in worker threads ahead of the model through a bounded window (PyAV and torch release the GIL,
+so decoders and model workers run in parallel), batches span videos so the model stays busy, and the library
+commits every few videos so an interrupted run loses at most one batch and resumes where it stopped.
+
+Memory does not grow with the library: frames arrive already resized to the model's input (swscale, in
+``sample_frames``: 12 × 224² × 3 bytes = 1.8 MB a video), at most ``(model_workers + 1) × batch_size`` videos
+are decoded ahead, and at most ``model_workers`` batches are in the model (on the CPU by default: 24 videos,
+~45 MB of frames, plus two batches of activations). ``PipelineStats`` records where the time went;
+``benchmarks/index_bench.py`` measures the pipeline against a plain loop and the model against the hardware.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .decode import SampledVideo, sample_frames
 from .errors import Ts2Error
@@ -30,9 +38,14 @@ class IndexOptions:
     roots: list[Path]
     exclude: tuple[str, ...] = ()
     include_hidden: bool = False
-    batch_size: int = 8
+    batch_size: int | None = None
+    """Videos per model batch; None picks for the device (``default_batch_size``)."""
     workers: int | None = None
-    """Decoding threads; None picks from the number of cores."""
+    """Decoding threads; None picks from the number of cores (``thread_plan``)."""
+    model_workers: int | None = None
+    """Threads running model batches side by side; None picks for the device (``thread_plan``)."""
+    torch_threads: int | None = None
+    """torch threads per model worker; None picks from the number of cores (``thread_plan``)."""
     rebuild: bool = False
     retry_failed: bool = False
     commit_every: int = 16
@@ -47,6 +60,7 @@ class IndexSummary:
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    pipeline: PipelineStats = field(default_factory=lambda: PipelineStats())
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -57,6 +71,77 @@ class IndexSummary:
             "failed": len(self.failed),
             "failures": [{"path": p, "reason": r} for p, r in self.failed],
             "seconds": round(self.seconds, 3),
+            "pipeline": self.pipeline.to_json(),
+        }
+
+
+@dataclass
+class PipelineStats:
+    """Where the decode → embed phase spent its time. A few clock reads per video and per batch: always on.
+
+    Two pools work side by side: ``workers`` decode threads and ``model_workers`` model threads, each either
+    busy or idle. A decoder idles when the window of decoded videos is full (the model is behind) or the work
+    has run out; a model thread idles when no decoded batch is ready (decoding is behind), at the start of the
+    run, and while the calling thread stores results.
+    """
+
+    workers: int = 0
+    model_workers: int = 0
+    torch_threads: int = 0
+    """torch threads per model worker."""
+    batch_size: int = 0
+    videos: int = 0
+    """Videos decoded (successfully or not)."""
+    batches: int = 0
+    frames: int = 0
+    """Frames run through the model."""
+    wall_seconds: float = 0.0
+    """The decode → embed phase, first decode submitted to last video stored."""
+    cpu_seconds: float = 0.0
+    """CPU time of the whole process during the phase, all threads: a cost that does not depend on how much of
+    the machine other programs take."""
+    decode_seconds: float = 0.0
+    """Sum over decode workers of the time spent inside ``sample_frames``."""
+    infer_seconds: float = 0.0
+    """Sum over model workers of the time spent building batches and running the model."""
+    wait_decode_seconds: float = 0.0
+    """Calling thread blocked on a decode result."""
+    store_seconds: float = 0.0
+    """Calling thread writing features to the library (SQLite, commits)."""
+
+    def shares(self) -> dict[str, float]:
+        """Average fraction of each pool that sat idle over the phase, waiting on the other (or on nothing)."""
+        wall = max(self.wall_seconds, 1e-9)
+        return {
+            "model_idle": max(0.0, 1.0 - self.infer_seconds / (max(self.model_workers, 1) * wall)),
+            "decode_idle": max(0.0, 1.0 - self.decode_seconds / (max(self.workers, 1) * wall)),
+        }
+
+    def bottleneck(self) -> str:
+        """The busier side: 'decode' when the model threads idled more than the decoders, else 'model'."""
+        shares = self.shares()
+        return "decode" if shares["model_idle"] > shares["decode_idle"] else "model"
+
+    def to_json(self) -> dict[str, object]:
+        seconds = {
+            "wall": self.wall_seconds,
+            "cpu": self.cpu_seconds,
+            "decode": self.decode_seconds,
+            "infer": self.infer_seconds,
+            "wait_decode": self.wait_decode_seconds,
+            "store": self.store_seconds,
+        }
+        return {
+            "workers": self.workers,
+            "model_workers": self.model_workers,
+            "torch_threads": self.torch_threads,
+            "batch_size": self.batch_size,
+            "videos": self.videos,
+            "batches": self.batches,
+            "frames": self.frames,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "shares": {k: round(v, 3) for k, v in self.shares().items()},
+            "bottleneck": self.bottleneck(),
         }
 
 
@@ -79,8 +164,56 @@ class Progress:
 ANN_SAVE_INTERVAL_S = 300.0
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+@dataclass(frozen=True)
+class ThreadPlan:
+    workers: int
+    """Decode threads."""
+    model_workers: int
+    """Threads each running a model batch."""
+    torch_threads: int
+    """torch intra-op threads per model worker."""
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours taskset and container CPU sets
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Share of the cores that decode on the CPU: sampling 12 frames costs a quarter to a half of what the model
+# costs per video (640x360 H.264, ViT-B/32), benchmarks/index_bench.py.
+DECODE_SHARE = 0.25
+
+
+def thread_plan(
+    device: torch.device,
+    workers: int | None = None,
+    torch_threads: int | None = None,
+    model_workers: int | None = None,
+) -> ThreadPlan:
+    """How to split the cores between decoding and the model; explicit choices win.
+
+    On the CPU the model runs as two independent batches at a time, each on its own torch threads, rather than
+    one batch on all of them: torch's OpenMP threads meet at a barrier after every operation, so when one of
+    them is preempted (by a decoder, or by any other program) the others wait. On 2 cores shared with other
+    programs one torch thread ran the model 1.3-2× faster than two (4-batch forward, interleaved repeats), and
+    two single-threaded batches side by side stay close to that under load while using both cores when the
+    machine is free. On CUDA the GPU waits on decoding, so every core decodes.
+    """
+    cores = available_cores()
+    if device.type == "cuda":
+        return ThreadPlan(workers or max(1, min(cores, 16)), model_workers or 1, torch_threads or 1)
+    decode = workers or max(1, round(cores * DECODE_SHARE))
+    runners = model_workers or 2
+    return ThreadPlan(decode, runners, torch_threads or max(1, (cores - decode) // runners))
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Videos per forward. On the CPU each video is already 12 × 50 = 600 tokens, so matrix products are
+    efficient from one video up; 8 keeps memory small while amortising per-forward costs. A GPU wants big
+    batches to fill its cores."""
+    return 32 if device.type == "cuda" else 8
 
 
 def index_folders(
@@ -178,73 +311,118 @@ def _embed_all(
     summary: IndexSummary,
     progress: Progress,
 ) -> None:
+    plan = thread_plan(model.device, options.workers, options.torch_threads, options.model_workers)
+    if _draws_noise(model):
+        plan = replace(plan, model_workers=1)
+    batch_size = options.batch_size or default_batch_size(model.device)
+    stats = summary.pipeline
+    stats.workers, stats.model_workers, stats.torch_threads = plan.workers, plan.model_workers, plan.torch_threads
+    stats.batch_size = batch_size
+    window = (plan.model_workers + 1) * batch_size  # the batches in the model, and the next one
     since_commit = 0
     last_save = time.monotonic()
     batch: list[tuple[_Work, SampledVideo]] = []
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        for work, result in decode_ahead(todo, model, options.workers or default_workers(), options.batch_size):
-            if isinstance(result, str):
-                _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
-                progress.done(work.path, "failed")
-                continue
-            batch.append((work, result))
-            if len(batch) >= options.batch_size:
-                since_commit += _embed_batch(library, model, batch, summary, progress)
-                batch = []
-            if since_commit >= options.commit_every:
-                library.commit()
-                since_commit = 0
-            if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
-                # searches during a long run would otherwise rebuild the ANN index from SQLite each time
-                library.save_ann()
-                last_save = time.monotonic()
-        if batch:
-            _embed_batch(library, model, batch, summary, progress)
+        with _torch_threads(plan.torch_threads), _ModelRunner(model, plan.model_workers, stats) as runner:
+            for work, result in decode_ahead(todo, model, plan.workers, window, stats):
+                if isinstance(result, str):
+                    _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
+                    progress.done(work.path, "failed")
+                else:
+                    batch.append((work, result))
+                if len(batch) >= batch_size:
+                    runner.submit(batch)
+                    batch = []
+                for done in runner.finished():
+                    since_commit += _store_batch(library, done, summary, progress)
+                if since_commit >= options.commit_every:
+                    _timed_commit(library, stats)
+                    since_commit = 0
+                if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
+                    # searches during a long run would otherwise rebuild the ANN index from SQLite each time
+                    library.save_ann()
+                    last_save = time.monotonic()
+            if batch:
+                runner.submit(batch)
+            for done in runner.finished(wait_all=True):
+                _store_batch(library, done, summary, progress)
     finally:
-        library.commit()  # whatever finished is kept, also on Ctrl-C
+        _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
+        stats.wall_seconds = time.perf_counter() - started
+        stats.cpu_seconds = time.process_time() - cpu_started
 
 
-def decode_ahead(
-    todo: list[_Work], model: LoadedModel, workers: int, batch_size: int
-) -> Iterator[tuple[_Work, SampledVideo | str]]:
-    """Decoded videos in ``todo`` order, with up to ``2 × batch_size`` decodes running ahead; failures are
-    returned as one-line reasons instead of raised."""
-    frames, size = model.config.frames, model.image_size
-    ahead = max(2 * batch_size, workers)
-    queue: deque[tuple[_Work, Future[SampledVideo]]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
-        pending = iter(todo)
-        try:
-            for work in pending:
-                queue.append((work, pool.submit(sample_frames, work.path, frames, size)))
-                if len(queue) >= ahead:
-                    yield _result(*queue.popleft())
-            while queue:
-                yield _result(*queue.popleft())
-        finally:
-            for _, future in queue:
-                future.cancel()
+def _draws_noise(model: LoadedModel) -> bool:
+    """Official-mode TS2-Net selects tokens with seeded noise drawn batch after batch: batches must then run
+    one at a time, in order, for the features to be reproducible."""
+    return not model.config.zero_shot and model.config.compat == "official"
 
 
-def _result(work: _Work, future: Future[SampledVideo]) -> tuple[_Work, SampledVideo | str]:
-    try:
-        return work, future.result()
-    except Ts2Error as error:
-        return work, str(error)
-    except Exception as error:  # a broken file must never abort the run
-        return work, f"could not decode: {type(error).__name__}: {error}".splitlines()[0]
+@dataclass(frozen=True)
+class _Embedded:
+    features: np.ndarray
+    """(B, T, D) float32 per-frame features."""
+    valid: np.ndarray
+    """(B, T) bool: which of them are real frames."""
+    seconds: float
 
 
-def _embed_batch(
-    library: Library,
-    model: LoadedModel,
-    batch: list[tuple[_Work, SampledVideo]],
-    summary: IndexSummary,
-    progress: Progress,
-) -> int:
-    pixels, mask = model.video_batch([video.frames for _, video in batch])
+@dataclass(frozen=True)
+class _Running:
+    batch: list[tuple[_Work, SampledVideo]]
+    future: Future[_Embedded]
+
+
+class _ModelRunner:
+    """Runs batches on ``workers`` threads (torch releases the GIL, so they compute in parallel) and hands
+    them back in submission order; the caller stores them, since the SQLite connection lives in its thread."""
+
+    def __init__(self, model: LoadedModel, workers: int, stats: PipelineStats) -> None:
+        self.model, self.workers, self.stats = model, workers, stats
+        self.running: deque[_Running] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-model")
+
+    def __enter__(self) -> _ModelRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # On an error or Ctrl-C the batches not yet started are dropped; those running finish first.
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, batch: list[tuple[_Work, SampledVideo]]) -> None:
+        model, videos = self.model, [video.frames for _, video in batch]
+        if not model.precision_known:
+            # Settled once, on the first batch, before several workers could race to do it.
+            began = time.perf_counter()
+            model.choose_precision(*model.video_batch(videos))
+            self.stats.infer_seconds += time.perf_counter() - began
+        self.running.append(_Running(batch, self.pool.submit(_infer, model, videos)))
+        self.stats.batches += 1
+
+    def finished(self, *, wait_all: bool = False) -> Iterator[_Running]:
+        """Batches done, oldest first. Waits for the oldest while every worker is busy (the decoders keep
+        filling their window meanwhile), or for all of them with ``wait_all``."""
+        while self.running and (wait_all or len(self.running) >= self.workers or self.running[0].future.done()):
+            yield self.running.popleft()
+
+
+def _infer(model: LoadedModel, videos: list[np.ndarray]) -> _Embedded:
+    """Runs in a model worker."""
+    began = time.perf_counter()
+    pixels, mask = model.video_batch(videos)
     features, valid = model.encode_pixels(pixels, mask)
-    for (work, video), video_features, video_mask in zip(batch, features, valid, strict=True):
+    return _Embedded(features, valid, time.perf_counter() - began)
+
+
+def _store_batch(library: Library, done: _Running, summary: IndexSummary, progress: Progress) -> int:
+    """Write a finished batch's features; a model error propagates from here and stops the run."""
+    stats = summary.pipeline
+    embedded = done.future.result()
+    began = time.perf_counter()
+    stats.infer_seconds += embedded.seconds
+    stats.frames += int(embedded.valid.sum())
+    for (work, video), video_features, video_mask in zip(done.batch, embedded.features, embedded.valid, strict=True):
         frames = video_features[video_mask]
         library.put_video(
             str(work.path),
@@ -260,7 +438,82 @@ def _embed_batch(
         )
         summary.indexed += 1
         progress.done(work.path, "indexed")
-    return len(batch)
+    stats.store_seconds += time.perf_counter() - began
+    return len(done.batch)
+
+
+def _timed_commit(library: Library, stats: PipelineStats) -> None:
+    started = time.perf_counter()
+    library.commit()
+    stats.store_seconds += time.perf_counter() - started
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count for the duration of the run, restored afterwards (it is process-wide)."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    result: SampledVideo | str
+    """The frames, or a one-line reason the file could not be decoded."""
+    seconds: float
+
+
+def decode_ahead(
+    todo: list[_Work], model: LoadedModel, workers: int, window: int, stats: PipelineStats | None = None
+) -> Iterator[tuple[_Work, SampledVideo | str]]:
+    """Decoded videos in ``todo`` order, with up to ``window`` decodes submitted ahead of the consumer;
+    failures come as one-line reasons instead of exceptions.
+
+    The window bounds memory (each decoded video holds T frames at the model's input size) and is what lets
+    the decoders run ahead while the model works on a batch: two batches' worth keeps the next batch ready.
+    """
+    stats = stats if stats is not None else PipelineStats()
+    frames, size = model.config.frames, model.image_size
+    ahead = max(window, workers)
+    queue: deque[tuple[_Work, Future[_Decoded]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
+        try:
+            for work in todo:
+                queue.append((work, pool.submit(_decode, work.path, frames, size)))
+                if len(queue) >= ahead:
+                    yield _collect(queue, stats)
+            while queue:
+                yield _collect(queue, stats)
+        finally:
+            for _, future in queue:
+                future.cancel()
+
+
+def _decode(path: Path, frames: int, size: int) -> _Decoded:
+    """Runs in a decode worker: never raises, so a broken file can never abort the run."""
+    started = time.perf_counter()
+    try:
+        result: SampledVideo | str = sample_frames(path, frames, size)
+    except Ts2Error as error:
+        result = str(error)
+    except Exception as error:
+        result = f"could not decode: {type(error).__name__}: {error}".splitlines()[0]
+    return _Decoded(result, time.perf_counter() - started)
+
+
+def _collect(queue: deque[tuple[_Work, Future[_Decoded]]], stats: PipelineStats) -> tuple[_Work, SampledVideo | str]:
+    work, future = queue.popleft()
+    started = time.perf_counter()
+    decoded = future.result()
+    stats.wait_decode_seconds += time.perf_counter() - started
+    stats.decode_seconds += decoded.seconds
+    stats.videos += 1
+    return work, decoded.result
 
 
 def _record_failure(

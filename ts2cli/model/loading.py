@@ -124,7 +124,14 @@ class LoadedModel:
     def video_batch(self, videos: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 frame stacks (n_i, S, S, 3) → padded (B, T, 3, S, S) pixels and (B, T) mask, on the CPU."""
         padded = [pad_frames(frames_to_tensor(v, self.norm), self.config.frames, self.config.compat) for v in videos]
-        return torch.stack([p for p, _ in padded]), torch.stack([m for _, m in padded])
+        # For a GPU the batch is stacked straight into page-locked memory, so that encode_pixels' non-blocking
+        # copy is a real asynchronous DMA (from pageable memory CUDA stages it through a pinned buffer first).
+        pin = self.device.type == "cuda"
+        pixels = torch.empty((len(padded), *padded[0][0].shape), pin_memory=pin)
+        mask = torch.empty((len(padded), *padded[0][1].shape), dtype=padded[0][1].dtype, pin_memory=pin)
+        torch.stack([p for p, _ in padded], out=pixels)
+        torch.stack([m for _, m in padded], out=mask)
+        return pixels, mask
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,590 @@
+"""Measure ``ts2 index`` against a plain loop and against the machine's own matrix-multiply rate.
+
+Run ``python benchmarks/index_bench.py`` from the repository root (``--quick`` for a smaller set). In one run,
+on the same videos (../shared/videos plus synthetic H.264 640x360 clips of 10 s, 60 s and 300 s, generated once
+into ``--workdir``), it measures:
+
+1. videos/s of the pipelined indexer (the real ``index_folders``, into a fresh library each time) against a
+   sequential loop: for each video ``sample_frames`` then ``encode_videos([frames])``, fp32, one at a time;
+2. model frames/s against the arithmetic floor: FLOPs per frame (counted from the model config) divided by the
+   GEMM rate this machine reaches on the model's own matrix shapes, same dtype and thread count; for the
+   zero-shot backbone (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
+3. where the indexer's time goes: how much of the time the model workers and the decode workers sat idle
+   (each waiting on the other), from the counters ``index_folders`` keeps (``IndexSummary.pipeline``);
+4. on CUDA (``--device cuda``, or auto when a GPU is present): the same on the GPU, fp16, and where the
+   bottleneck sits.
+
+``--sweep`` also times the indexer over decode threads, model workers × torch threads, batch size and a process pool
+(the measurements behind ``thread_plan`` and ``default_batch_size`` in ts2cli/indexer.py). The model is
+ViT-B-32 with random weights saved to a local file: speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ts2cli import indexer
+from ts2cli.decode import sample_frames
+from ts2cli.indexer import IndexOptions, IndexSummary, index_folders, thread_plan
+from ts2cli.model import LoadedModel, ModelOptions, load_model
+from ts2cli.store import Library
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = REPO.parent / "shared" / "videos"
+MODEL = "ViT-B-32"
+GENERATED = [  # (seconds, how many); every clip gets its own noise seed, so no two files share content
+    (10, 8),
+    (60, 2),
+    (300, 1),
+]
+QUICK_GENERATED = [(10, 4), (60, 1)]
+BACKBONE = "zero-shot backbone"
+TS2 = "TS2-Net forward"
+# Videos per forward in the model-only measurements: on the CPU 4 × 12 frames × 50 tokens = 2400 rows already
+# keep the GEMMs efficient; a GPU needs far more work per launch to fill.
+MODEL_BATCH = {"cpu": 4, "cuda": 32}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _load_writer() -> Callable[..., object]:
+    """The synthetic-video writer lives with the tests; load it by path (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_ts2_test_videos", REPO / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is being built
+    spec.loader.exec_module(module)
+    return module.write_video
+
+
+def prepare_videos(workdir: Path, quick: bool) -> Path:
+    """A folder holding the benchmark's videos: synthetic clips (cached in ``workdir``) and the shared samples."""
+    cache = workdir / "generated"
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = workdir / ("videos-quick" if quick else "videos")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    write_video = None
+    for seconds, count in QUICK_GENERATED if quick else GENERATED:
+        for seed in range(count):
+            path = cache / f"h264_{seconds}s_{seed}.mp4"
+            if not path.exists():
+                write_video = write_video or _load_writer()
+                began = time.perf_counter()
+                part = path.with_name(f"part-{path.name}")
+                write_video(part, seconds=seconds, fps=25, width=640, height=360, texture=True, crf=23, seed=seed)
+                part.rename(path)
+                print(f"generated {path.name} in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+            (folder / path.name).symlink_to(path)
+    for path in sorted(SHARED_VIDEOS.glob("*")) if SHARED_VIDEOS.is_dir() else []:
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
+def prepare_weights(workdir: Path) -> Path:
+    """ViT-B-32 (QuickGELU, as OpenAI's) at random weights, saved once as a local file."""
+    path = workdir / "vit-b-32-random.safetensors"
+    if not path.exists():
+        import open_clip
+        from safetensors.torch import save_file
+
+        clip = open_clip.create_model(f"{MODEL}-quickgelu")
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
+def load(weights: Path, device: str, *, trainable: bool = False) -> LoadedModel:
+    return load_model(ModelOptions(model=MODEL, pretrained=str(weights), device=device), trainable=trainable)
+
+
+def settle_precision(model: LoadedModel, videos: list[np.ndarray]) -> None:
+    """Let the model pick its dtype (bf16 on CPU only where accurate) on real frames, outside the timings."""
+    if not model.precision_known:
+        model.choose_precision(*model.video_batch(videos))
+
+
+def fp32(model: LoadedModel) -> LoadedModel:
+    """The same network, run without autocast."""
+    return dataclasses.replace(model, dtype=None, precision_known=True)
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp")
+
+
+# ------------------------------------------------------------------------------------ 1. indexer speed
+
+
+@dataclass(frozen=True)
+class Timing:
+    wall_s: float
+    cpu_s: float
+    """CPU time of the process, all threads: what the run cost, whatever share of the machine it got."""
+
+
+def sequential_run(paths: list[Path], model: LoadedModel) -> Timing:
+    """The straightforward loop: decode one video, embed it, next."""
+    began, cpu_began = time.perf_counter(), time.process_time()
+    for path in paths:
+        video = sample_frames(path, model.config.frames, model.image_size)
+        model.encode_videos([video.frames])
+    return Timing(time.perf_counter() - began, time.process_time() - cpu_began)
+
+
+def pipelined_run(folder: Path, model: LoadedModel, workdir: Path, **options: Any) -> tuple[Timing, IndexSummary]:
+    """The whole ``index_folders`` (scan, fingerprints, decode → embed, store) into a fresh library; model
+    loading is outside the timing, as for the loop."""
+    library_dir = Path(tempfile.mkdtemp(prefix="library-", dir=workdir))
+    try:
+        with Library.open(library_dir, write=True, create=True) as library:
+            began, cpu_began = time.perf_counter(), time.process_time()
+            summary = index_folders(library, model, IndexOptions(roots=[folder], **options))
+            timing = Timing(time.perf_counter() - began, time.process_time() - cpu_began)
+    finally:
+        shutil.rmtree(library_dir, ignore_errors=True)
+    if summary.failed or summary.indexed == 0:
+        raise RuntimeError(f"indexed {summary.indexed} videos, failures: {summary.failed}")
+    return timing, summary
+
+
+@dataclass
+class Comparison:
+    videos: int
+    dtype: str
+    """What the pipelined indexer's model ran in."""
+    sequential: list[Timing] = field(default_factory=list)
+    pipelined: list[Timing] = field(default_factory=list)
+    summaries: list[IndexSummary] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        """Speed-up per repeat: each pipelined run against the loop run next to it (same load on the machine)."""
+        return [s.wall_s / p.wall_s for s, p in zip(self.sequential, self.pipelined, strict=True)]
+
+
+def compare_indexers(folder: Path, model: LoadedModel, workdir: Path, repeats: int) -> Comparison:
+    paths = sorted(folder.iterdir())
+    result = Comparison(videos=len(paths), dtype=dtype_name(model.dtype))
+    baseline = fp32(model)
+    for repeat in range(repeats):
+        result.sequential.append(sequential_run(paths, baseline))
+        timing, summary = pipelined_run(folder, model, workdir)
+        result.pipelined.append(timing)
+        result.summaries.append(summary)
+        loop, pipe = result.sequential[-1].wall_s, timing.wall_s
+        print(f"repeat {repeat + 1}: loop {loop:.1f} s, pipelined {pipe:.1f} s", file=sys.stderr)
+    return result
+
+
+# ------------------------------------------------------------------------------ 2. model vs the floor
+
+
+def vit_flops_per_frame(cfg: dict[str, Any]) -> float:
+    """FLOPs (2 per multiply-add) of one frame through the ViT as ts2 runs it, from the open_clip config.
+
+    Patch embedding, then per block the QKV and output projections, the two attention products and the MLP,
+    then the projection of every token (``encode_frame_tokens`` projects them all). Layer norms, softmax and
+    activations are a few FLOPs per element and left out, as is usual for a matmul floor.
+    """
+    vision = cfg["vision_cfg"]
+    size, patch, width, layers = vision["image_size"], vision["patch_size"], vision["width"], vision["layers"]
+    mlp = round(width * vision.get("mlp_ratio", 4.0))
+    patches = (size // patch) ** 2
+    tokens = patches + 1
+    macs = patches * 3 * patch * patch * width  # conv1
+    per_block = tokens * width * 3 * width + tokens * width * width  # QKV, output projection
+    per_block += 2 * tokens * tokens * width  # q·kᵀ and attention·v over all heads
+    per_block += 2 * tokens * width * mlp  # MLP up and down
+    macs += layers * per_block + tokens * width * cfg["embed_dim"]
+    return 2.0 * macs
+
+
+def counted_flops_per_frame(model: LoadedModel, pixels: torch.Tensor, mask: torch.Tensor) -> float:
+    """Cross-check with torch's own FLOP counter (matmuls, convolutions and attention only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # The fused fast path of nn.MultiheadAttention is one opaque op to the counter: count the unfused path.
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), counter:
+            model.net.encode_video(pixels.to(model.device), mask.to(model.device))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return counter.get_total_flops() / pixels.shape[0] / pixels.shape[1]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(cfg: dict[str, Any], rows: int, dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """FLOP/s of the ViT's own linear layers (QKV, output, MLP up, MLP down) at ``rows`` tokens, in ``dtype``.
+
+    Timed round-robin for about ``seconds`` and reported as the median round, so a moment of contention from
+    other processes does not decide the figure.
+    """
+    width = cfg["vision_cfg"]["width"]
+    mlp = round(width * cfg["vision_cfg"].get("mlp_ratio", 4.0))
+    shapes = [(width, 3 * width), (width, width), (width, mlp), (mlp, width)]
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, i, generator=generator).to(device, dtype) for i, _ in shapes]
+    weights = [torch.randn(o, i, generator=generator).to(device, dtype) for i, o in shapes]
+    flops = sum(2.0 * rows * i * o for i, o in shapes)
+    rounds: list[float] = []
+    deadline = time.perf_counter() + seconds
+    with torch.inference_mode():
+        for x, w in zip(inputs, weights, strict=True):
+            F.linear(x, w)  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
+        while time.perf_counter() < deadline or len(rounds) < 3:
+            _synchronize(device)
+            began = time.perf_counter()
+            for x, w in zip(inputs, weights, strict=True):
+                F.linear(x, w)
+            _synchronize(device)
+            rounds.append(time.perf_counter() - began)
+    return flops / statistics.median(rounds)
+
+
+def model_rate(model: LoadedModel, pixels: torch.Tensor, mask: torch.Tensor, seconds: float = 4.0) -> float:
+    """Frames/s of ``encode_pixels`` (transfers and the copy back included), median over repeated batches."""
+    model.encode_pixels(pixels, mask)  # warm-up
+    rounds: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rounds) < 3:
+        began = time.perf_counter()
+        model.encode_pixels(pixels, mask)  # ends with .cpu(): synchronises on CUDA
+        rounds.append(time.perf_counter() - began)
+    return pixels.shape[0] * pixels.shape[1] / statistics.median(rounds)
+
+
+@dataclass
+class ModelRow:
+    name: str
+    dtype: str
+    frames_per_s: float
+    flops_per_frame: float
+    gemm_flops_per_s: float
+
+    @property
+    def floor_frames_per_s(self) -> float:
+        return self.gemm_flops_per_s / self.flops_per_frame
+
+    @property
+    def ratio(self) -> float:
+        return self.frames_per_s / self.floor_frames_per_s
+
+
+def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> tuple[list[ModelRow], float]:
+    """Rows for each model and dtype it runs in; also the FLOP counter's figure for the zero-shot backbone."""
+    first = next(iter(models.values()))
+    videos = (videos * MODEL_BATCH[first.device.type])[: MODEL_BATCH[first.device.type]]
+    cfg = first.config.backbone_cfg or {}
+    analytic = vit_flops_per_frame(cfg)
+    pixels, mask = first.video_batch(videos)
+    counted = counted_flops_per_frame(first, pixels[:1], mask[:1])
+    rows: list[ModelRow] = []
+    tokens = pixels.shape[0] * pixels.shape[1] * ((first.image_size // cfg["vision_cfg"]["patch_size"]) ** 2 + 1)
+    for name, model in models.items():
+        settle_precision(model, videos[:2])
+        # TS2's extra parts (selection, temporal transformer) are counted by the FLOP counter, not by hand.
+        flops = analytic if model.config.zero_shot else counted_flops_per_frame(model, pixels[:1], mask[:1])
+        variants = [fp32(model)] + ([model] if model.dtype is not None else [])
+        for variant in variants:
+            dtype = variant.dtype or torch.float32
+            before = gemm_rate(cfg, tokens, dtype, model.device)
+            rate = model_rate(variant, pixels, mask)
+            after = gemm_rate(cfg, tokens, dtype, model.device)
+            # GEMM timed on both sides of the model and the faster kept: the floor errs towards strict.
+            rows.append(ModelRow(name, dtype_name(variant.dtype), rate, flops, max(before, after)))
+            print(f"{name} {rows[-1].dtype}: {rate:.1f} frames/s, {rows[-1].ratio:.0%} of floor", file=sys.stderr)
+    return rows, counted
+
+
+# ------------------------------------------------------------------------------------- sweep of choices
+
+
+@contextmanager
+def process_pool() -> Iterator[None]:
+    """Decode in worker processes instead of threads (frames come back pickled) for the length of the block."""
+    import multiprocessing
+
+    original = indexer.ThreadPoolExecutor
+
+    def make(max_workers: int, thread_name_prefix: str = "") -> ProcessPoolExecutor:
+        # forkserver: forking a process whose OpenMP pool is running is not safe
+        return ProcessPoolExecutor(max_workers, mp_context=multiprocessing.get_context("forkserver"))
+
+    indexer.ThreadPoolExecutor = make  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        indexer.ThreadPoolExecutor = original  # type: ignore[misc]
+
+
+@dataclass
+class SweepRow:
+    label: str
+    options: dict[str, Any]
+    variant: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    timings: list[Timing] = field(default_factory=list)
+    summaries: list[IndexSummary] = field(default_factory=list)
+
+
+def sweep_choices(model: LoadedModel, cores: int) -> list[SweepRow]:
+    """The default plan first, then one change at a time: model threads, decode threads, batch size, decoding
+    in processes."""
+    plan = thread_plan(model.device)
+    batch = indexer.default_batch_size(model.device)
+    default = (plan.workers, plan.model_workers, plan.torch_threads)
+    threads = [default, (plan.workers, 1, 1), (plan.workers, 1, cores), (cores, plan.model_workers, plan.torch_threads)]
+    rows = [_choice(*t, batch) for t in dict.fromkeys(threads)]
+    rows += [_choice(*default, b) for b in (batch // 2, batch * 2)]
+    rows.append(_choice(*default, batch, "decode in processes", process_pool))
+    return rows
+
+
+def _choice(
+    workers: int,
+    model_workers: int,
+    torch_threads: int,
+    batch: int,
+    note: str = "",
+    variant: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+) -> SweepRow:
+    label = f"decode {workers}, model {model_workers}×{torch_threads} threads, batch {batch}"
+    options = {"workers": workers, "model_workers": model_workers, "torch_threads": torch_threads, "batch_size": batch}
+    return SweepRow(label + (f", {note}" if note else ""), options, variant)
+
+
+def sweep(folder: Path, model: LoadedModel, workdir: Path, repeats: int, rows: list[SweepRow]) -> list[SweepRow]:
+    """The indexer under each choice, interleaved so that every choice sees the same load on the machine."""
+    for repeat in range(repeats):
+        for row in rows:
+            with row.variant():
+                timing, summary = pipelined_run(folder, model, workdir, **row.options)
+            row.timings.append(timing)
+            row.summaries.append(summary)
+            print(f"{row.label}: {timing.wall_s:.1f} s", file=sys.stderr)
+        print(f"sweep repeat {repeat + 1} done", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _median_shares(summaries: list[IndexSummary]) -> dict[str, float]:
+    keys = summaries[0].pipeline.shares().keys()
+    return {k: statistics.median(s.pipeline.shares()[k] for s in summaries) for k in keys}
+
+
+def _median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def report_comparison(result: Comparison, device: str) -> list[str]:
+    n = result.videos
+    seq_wall, seq_cpu = _median(t.wall_s for t in result.sequential), _median(t.cpu_s for t in result.sequential)
+    pipe_wall, pipe_cpu = _median(t.wall_s for t in result.pipelined), _median(t.cpu_s for t in result.pipelined)
+    stats = result.summaries[0].pipeline
+    plan = f"decode {stats.workers}, model {stats.model_workers}×{stats.torch_threads} threads"
+    ratios = ", ".join(f"{r:.2f}" for r in result.ratios)
+    return [
+        f"#### 1. Videos/s: pipelined indexer vs sequential loop ({device}, {n} videos)",
+        "",
+        "| indexer | median wall s | videos/s | CPU-s per video |",
+        "|---|---:|---:|---:|",
+        f"| sequential loop: fp32, torch's default threads, one video at a time | {seq_wall:.1f} "
+        f"| {n / seq_wall:.2f} | {seq_cpu / n:.2f} |",
+        f"| `index_folders`: {plan}, batch {stats.batch_size}, {result.dtype} | {pipe_wall:.1f} "
+        f"| {n / pipe_wall:.2f} | {pipe_cpu / n:.2f} |",
+        "",
+        f"Speed-up: **{statistics.median(result.ratios):.2f}×** (median of the per-repeat ratios {ratios}; each "
+        "repeat runs the loop and then the indexer, so both see about the same load from other programs).",
+    ]
+
+
+def report_shares(result: Comparison, device: str) -> list[str]:
+    lines = [
+        f"#### 3. Where the pipelined indexer's time goes ({device})",
+        "",
+        "| repeat | decode → embed wall s | decode busy, worker-s | model busy, worker-s | model idle "
+        "| decoders idle | bottleneck |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for i, summary in enumerate(result.summaries, 1):
+        stats, shares = summary.pipeline, summary.pipeline.shares()
+        lines.append(
+            f"| {i} | {stats.wall_seconds:.1f} | {stats.decode_seconds:.1f} | {stats.infer_seconds:.1f} "
+            f"| {shares['model_idle']:.0%} | {shares['decode_idle']:.0%} | {stats.bottleneck()} |"
+        )
+    return lines
+
+
+def report_models(rows: list[ModelRow], counted: float, threads: int, device: str) -> list[str]:
+    analytic = next((r.flops_per_frame for r in rows if r.name == BACKBONE), counted)
+    batch = MODEL_BATCH["cuda" if device == "GPU" else "cpu"]
+    lines = [
+        f"#### 2. Model throughput vs the arithmetic floor ({device}, {threads} torch thread(s), "
+        f"{batch} videos × 12 frames per forward)",
+        "",
+        f"FLOPs per 224² frame, ViT-B/32 as ts2 runs it: {analytic / 1e9:.2f} G counted from the config "
+        f"(torch's FlopCounterMode: {counted / 1e9:.2f} G).",
+        "",
+        "| model | dtype | GFLOPs/frame | GEMM GFLOP/s | floor frames/s | measured frames/s | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.dtype} | {r.flops_per_frame / 1e9:.2f} | {r.gemm_flops_per_s / 1e9:.0f} "
+            f"| {r.floor_frames_per_s:.1f} | {r.frames_per_s:.1f} | {r.ratio:.0%} |"
+        )
+    by_key = {(r.name, r.dtype): r for r in rows}
+    lines.append("")
+    for dtype in dict.fromkeys(r.dtype for r in rows):
+        backbone, ts2 = by_key.get((BACKBONE, dtype)), by_key.get((TS2, dtype))
+        if backbone and ts2:
+            overhead = backbone.frames_per_s / ts2.frames_per_s - 1
+            lines.append(f"TS2-Net forward, {dtype}: {overhead:+.0%} time per frame over the plain backbone.")
+    return lines
+
+
+def report_sweep(rows: list[SweepRow], videos: int) -> list[str]:
+    lines = [
+        "#### Sweep: decode threads, model workers × torch threads, batch size, processes (CPU)",
+        "",
+        "| choice | median wall s | videos/s | all runs, s | CPU-s per video | model idle | decoders idle |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        seconds = _median(t.wall_s for t in row.timings)
+        cpu = _median(t.cpu_s for t in row.timings)
+        shares = _median_shares(row.summaries)
+        runs = ", ".join(f"{t.wall_s:.1f}" for t in row.timings)
+        # A process pool's decoding is not in this process's CPU time.
+        cpu_text = "n/a" if row.variant is process_pool else f"{cpu / videos:.2f}"
+        lines.append(
+            f"| {row.label} | {seconds:.1f} | {videos / seconds:.2f} | {runs} | {cpu_text} "
+            f"| {shares['model_idle']:.0%} | {shares['decode_idle']:.0%} |"
+        )
+    return lines
+
+
+def report_gpu(result: Comparison | None) -> list[str]:
+    lines = ["#### 4. GPU", ""]
+    if result is None:
+        return [*lines, "No CUDA GPU was available on this machine: nothing measured on a GPU."]
+    stats = result.summaries[0].pipeline
+    shares = _median_shares(result.summaries)
+    videos_per_s = result.videos / _median(t.wall_s for t in result.pipelined)
+    return [
+        *lines,
+        f"{torch.cuda.get_device_name(0)}, ViT-B-32 {result.dtype}: **{videos_per_s:.2f} videos/s** with "
+        f"{stats.workers} decode workers, batch {stats.batch_size}. The model idled {shares['model_idle']:.0%} "
+        f"of the time and the decoders {shares['decode_idle']:.0%}: the bottleneck is **{stats.bottleneck()}**.",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+@dataclass
+class DeviceResult:
+    comparison: Comparison
+    rows: list[ModelRow]
+    flops_counted: float
+    torch_threads: int
+
+    def sections(self, device: str) -> list[list[str]]:
+        return [
+            report_comparison(self.comparison, device),
+            report_models(self.rows, self.flops_counted, self.torch_threads, device),
+            report_shares(self.comparison, device),
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "comparison": dataclasses.asdict(self.comparison) | {"ratios": self.comparison.ratios},
+            "models": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in self.rows],
+            "flops_counted": self.flops_counted,
+        }
+
+
+def run_device(
+    model: LoadedModel, folder: Path, weights: Path, workdir: Path, repeats: int, videos: list[np.ndarray]
+) -> DeviceResult:
+    """Sections 1-3 on the model's device: indexer vs loop, model vs floor, time shares."""
+    settle_precision(model, videos[:2])
+    print(f"{model.device}: the model runs in {dtype_name(model.dtype)}", file=sys.stderr)
+    comparison = compare_indexers(folder, model, workdir, repeats)
+    plan = thread_plan(model.device)
+    models = {BACKBONE: model, TS2: load(weights, str(model.device), trainable=True)}
+    with indexer._torch_threads(plan.torch_threads):  # the thread count the indexer runs the model with
+        rows, counted = model_vs_floor(models, videos)
+    return DeviceResult(comparison, rows, counted, plan.torch_threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ts2-index-bench")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter videos and one repeat")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=None, help="indexer repeats (default 3, quick 1)")
+    parser.add_argument("--sweep", action="store_true", help="also time thread, batch and pool choices (CPU)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    folder = prepare_videos(args.workdir, args.quick)
+    weights = prepare_weights(args.workdir)
+    paths = sorted(folder.iterdir())
+    # Decoding every video once also brings the files into the page cache before anything is timed.
+    videos = [sample_frames(p).frames for p in paths]
+    print(f"{len(paths)} videos, {indexer.available_cores()} cores", file=sys.stderr)
+
+    model = load(weights, "cpu")
+    cpu = run_device(model, folder, weights, args.workdir, repeats, videos)
+    sections, raw = cpu.sections("CPU"), {"cpu": cpu.to_json()}
+    gpu: DeviceResult | None = None
+    if use_gpu:
+        gpu = run_device(load(weights, "cuda"), folder, weights, args.workdir, repeats, videos)
+        sections += gpu.sections("GPU")
+        raw["gpu"] = gpu.to_json()
+    sections.append(report_gpu(gpu.comparison if gpu else None))
+    if args.sweep:
+        rows = sweep(folder, model, args.workdir, repeats, sweep_choices(model, indexer.available_cores()))
+        sections.append(report_sweep(rows, len(paths)))
+        raw["sweep"] = [{"label": r.label, "timings": [dataclasses.asdict(t) for t in r.timings]} for r in rows]
+    print("\n\n".join("\n".join(lines) for lines in sections))
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
