@@ -73,12 +73,14 @@ def test_first_index_of_a_messy_folder(tmp_path, make_video, make_broken_files, 
 
 def test_stored_features_equal_a_direct_forward_pass(tmp_path, make_video, library, model):
     from ts2cli.decode import sample_frames
+    from ts2cli.indexer import KEYFRAME_SNAP
 
     clip = make_video("v/clip.mp4", seconds=2, fps=10)
     index(library, model, tmp_path / "v")
     row = library.get_by_path(str(clip.path.resolve()))
     stored = library.frame_features([row.id])[row.id]
-    direct, mask = model.encode_videos([sample_frames(clip.path, 12, model.image_size).frames])
+    sampled = sample_frames(clip.path, 12, model.image_size, keyframe_snap=KEYFRAME_SNAP)
+    direct, mask = model.encode_videos([sampled.frames])
     np.testing.assert_allclose(stored, direct[0][mask[0]], rtol=2e-3, atol=2e-3)  # stored as fp16
 
 

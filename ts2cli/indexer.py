@@ -162,6 +162,11 @@ class Progress:
 
 
 ANN_SAVE_INTERVAL_S = 300.0
+KEYFRAME_SNAP = 0.25
+"""Let each sampling target move by up to a quarter of its segment to just past a keyframe. Exact targets cost
+decoding from a keyframe up to each target: a 10-minute H.264 file (keyframe every 10 s) took 9× as long as a
+10-second one, 0.93× with snapping (benchmarks/decode_bench.py). Search needs frames spread over the video, not
+frames at exact instants; ``ts2 eval`` keeps exact targets."""
 
 
 @dataclass(frozen=True)
@@ -498,7 +503,7 @@ def _decode(path: Path, frames: int, size: int) -> _Decoded:
     """Runs in a decode worker: never raises, so a broken file can never abort the run."""
     started = time.perf_counter()
     try:
-        result: SampledVideo | str = sample_frames(path, frames, size)
+        result: SampledVideo | str = sample_frames(path, frames, size, keyframe_snap=KEYFRAME_SNAP)
     except Ts2Error as error:
         result = str(error)
     except Exception as error:
