@@ -152,12 +152,12 @@ def ensure_library(workdir: Path, params: DataParams, identity: dict[str, Any]) 
     shutil.rmtree(directory, ignore_errors=True)
     for stale in workdir.glob(f"{params.name}.truth-*.npz"):
         stale.unlink()
-    partial = workdir / f"{params.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    unfinished = workdir / f"{params.name}.partial"
+    shutil.rmtree(unfinished, ignore_errors=True)
     began = time.perf_counter()
     times = [i + 0.5 for i in range(params.frames)]
     written = 0
-    with Library.open(partial, write=True, create=True) as library:
+    with Library.open(unfinished, write=True, create=True) as library:
         library.check_model(identity)
         for chunk in video_chunks(params):
             for frames in chunk:
@@ -178,7 +178,7 @@ def ensure_library(workdir: Path, params: DataParams, identity: dict[str, Any]) 
             if written % (20 * WRITE_CHUNK) == 0:
                 log(f"{params.name}: {written} videos written, {time.perf_counter() - began:.0f} s")
         library.save_ann()
-    partial.rename(directory)
+    unfinished.rename(directory)
     marker.write_text(json.dumps(asdict(params)))
     log(f"{params.name}: written in {time.perf_counter() - began:.0f} s")
     return directory
@@ -192,7 +192,7 @@ def ensure_weights(workdir: Path) -> Path:
     path = workdir / WEIGHTS_FILE
     if path.is_file():
         return path
-    partial = path.with_suffix(".partial")
+    unfinished = path.with_suffix(".partial")
     script = (
         "import sys, open_clip, safetensors.torch\n"
         "model = open_clip.create_model('ViT-B-32-quickgelu')\n"
@@ -200,8 +200,8 @@ def ensure_weights(workdir: Path) -> Path:
         "safetensors.torch.save_file(state, sys.argv[1])\n"
     )
     log("creating the random ViT-B-32 weights file (once)")
-    subprocess.run([sys.executable, "-c", script, str(partial)], check=True)
-    partial.rename(path)
+    subprocess.run([sys.executable, "-c", script, str(unfinished)], check=True)
+    unfinished.rename(path)
     return path
 
 
