@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .decode import sample_frames
 from .errors import LibraryError, Ts2Error
-from .indexer import global_vector
 from .model import LoadedModel, ModelOptions, load_model
 from .model.loading import options_from_source
 from .store import MODEL_SOURCE_KEY, Library, same_model
@@ -58,6 +56,9 @@ def text_query(model: LoadedModel, text: str) -> tuple[np.ndarray, list[str]]:
 def video_query(library: Library, model_for_video: LoadedModel | None, path: Path) -> tuple[np.ndarray, int | None]:
     """Query vector for an example video: its stored features when indexed, else decoded and embedded now.
     Returns the library id of the video too, so it can be left out of its own results."""
+    from .decode import sample_frames  # PyAV is not needed for text queries: imported here, not at start-up
+    from .indexer import global_vector
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise Ts2Error(f"No such video: {path}")
