@@ -57,7 +57,7 @@ def video_query(library: Library, model_for_video: LoadedModel | None, path: Pat
     """Query vector for an example video: its stored features when indexed, else decoded and embedded now.
     Returns the library id of the video too, so it can be left out of its own results."""
     from .decode import sample_frames  # PyAV is not needed for text queries: imported here, not at start-up
-    from .indexer import global_vector
+    from .indexer import KEYFRAME_SNAP, global_vector
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -69,6 +69,9 @@ def video_query(library: Library, model_for_video: LoadedModel | None, path: Pat
             return global_vector(frames), row.id
     if model_for_video is None:
         raise Ts2Error("A model is needed to embed this video.")
-    sampled = sample_frames(path, model_for_video.config.frames, model_for_video.image_size)
+    # sampled exactly as the indexer samples, so an indexed copy of this file has the same features
+    sampled = sample_frames(
+        path, model_for_video.config.frames, model_for_video.image_size, keyframe_snap=KEYFRAME_SNAP
+    )
     features, mask = model_for_video.encode_videos([sampled.frames])
     return global_vector(features[0][mask[0]]), None
