@@ -46,6 +46,7 @@ from ts2cli import indexer
 from ts2cli.decode import sample_frames
 from ts2cli.indexer import IndexOptions, IndexSummary, index_folders, thread_plan
 from ts2cli.model import LoadedModel, ModelOptions, load_model
+from ts2cli.model.precision import cast_copy, cpu_has_native_bf16
 from ts2cli.store import Library
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,13 +119,25 @@ def load(weights: Path, device: str, *, trainable: bool = False) -> LoadedModel:
 
 
 def settle_precision(model: LoadedModel, videos: list[np.ndarray]) -> None:
-    """Let the model pick its dtype (bf16 on CPU only where accurate) on real frames, outside the timings."""
+    """Let the model pick its precision (bf16 weights on CPU only where accurate and faster) on real frames,
+    outside the timings."""
     if not model.precision_known:
         model.choose_precision(*model.video_batch(videos))
 
 
+def reduced_precision(model: LoadedModel) -> list[LoadedModel]:
+    """The fp32 ``model`` in the reduced precision the device could use (fp16 autocast on CUDA, bf16 weights on a
+    CPU with native bf16), whether or not ``choose_precision`` picks it: the table shows why it does or not."""
+    if model.device.type == "cuda":
+        return [dataclasses.replace(model, dtype=torch.float16, precision_known=True)]
+    if cpu_has_native_bf16():
+        return [dataclasses.replace(model, net=cast_copy(model.net, torch.bfloat16), dtype=torch.bfloat16)]
+    return []
+
+
 def fp32(model: LoadedModel) -> LoadedModel:
-    """The same network, run without autocast."""
+    """A model that stays in fp32 (loaded without settling its precision)."""
+    assert model.dtype is None or model.device.type == "cuda", "the CPU model was already cast"
     return dataclasses.replace(model, dtype=None, precision_known=True)
 
 
@@ -143,10 +156,11 @@ class Timing:
 
 
 def sequential_run(paths: list[Path], model: LoadedModel) -> Timing:
-    """The straightforward loop: decode one video, embed it, next."""
+    """The straightforward loop: decode one video, embed it, next. It samples the same frames as the indexer
+    (keyframe snapping), so that the comparison is about the pipeline, not the sampling."""
     began, cpu_began = time.perf_counter(), time.process_time()
     for path in paths:
-        video = sample_frames(path, model.config.frames, model.image_size)
+        video = sample_frames(path, model.config.frames, model.image_size, keyframe_snap=indexer.KEYFRAME_SNAP)
         model.encode_videos([video.frames])
     return Timing(time.perf_counter() - began, time.process_time() - cpu_began)
 
@@ -182,10 +196,12 @@ class Comparison:
         return [s.wall_s / p.wall_s for s, p in zip(self.sequential, self.pipelined, strict=True)]
 
 
-def compare_indexers(folder: Path, model: LoadedModel, workdir: Path, repeats: int) -> Comparison:
+def compare_indexers(
+    folder: Path, model: LoadedModel, baseline: LoadedModel, workdir: Path, repeats: int
+) -> Comparison:
+    """``model`` runs the indexer in its chosen precision; ``baseline`` (fp32) runs the loop."""
     paths = sorted(folder.iterdir())
     result = Comparison(videos=len(paths), dtype=dtype_name(model.dtype))
-    baseline = fp32(model)
     for repeat in range(repeats):
         result.sequential.append(sequential_run(paths, baseline))
         timing, summary = pipelined_run(folder, model, workdir)
@@ -287,6 +303,8 @@ class ModelRow:
     frames_per_s: float
     flops_per_frame: float
     gemm_flops_per_s: float
+    used: bool
+    """Whether ``choose_precision`` picked this dtype, i.e. whether ``ts2 index`` runs it."""
 
     @property
     def floor_frames_per_s(self) -> float:
@@ -308,17 +326,18 @@ def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> 
     rows: list[ModelRow] = []
     tokens = pixels.shape[0] * pixels.shape[1] * ((first.image_size // cfg["vision_cfg"]["patch_size"]) ** 2 + 1)
     for name, model in models.items():
-        settle_precision(model, videos[:2])
+        chosen = dataclasses.replace(model, precision_known=False)
+        settle_precision(chosen, videos[:2])  # what the indexer would pick; ``model`` itself stays fp32
         # TS2's extra parts (selection, temporal transformer) are counted by the FLOP counter, not by hand.
         flops = analytic if model.config.zero_shot else counted_flops_per_frame(model, pixels[:1], mask[:1])
-        variants = [fp32(model)] + ([model] if model.dtype is not None else [])
-        for variant in variants:
+        for variant in (fp32(model), *reduced_precision(model)):
             dtype = variant.dtype or torch.float32
             before = gemm_rate(cfg, tokens, dtype, model.device)
             rate = model_rate(variant, pixels, mask)
             after = gemm_rate(cfg, tokens, dtype, model.device)
             # GEMM timed on both sides of the model and the faster kept: the floor errs towards strict.
-            rows.append(ModelRow(name, dtype_name(variant.dtype), rate, flops, max(before, after)))
+            used = variant.dtype == chosen.dtype
+            rows.append(ModelRow(name, dtype_name(variant.dtype), rate, flops, max(before, after), used))
             print(f"{name} {rows[-1].dtype}: {rate:.1f} frames/s, {rows[-1].ratio:.0%} of floor", file=sys.stderr)
     return rows, counted
 
@@ -359,7 +378,9 @@ def sweep_choices(model: LoadedModel, cores: int) -> list[SweepRow]:
     plan = thread_plan(model.device)
     batch = indexer.default_batch_size(model.device)
     default = (plan.workers, plan.model_workers, plan.torch_threads)
-    threads = [default, (plan.workers, 1, 1), (plan.workers, 1, cores), (cores, plan.model_workers, plan.torch_threads)]
+    one_batch = [(plan.workers, 1, 1), (plan.workers, 1, cores)]  # one batch at a time, on 1 or all cores
+    decoders = [(1, *default[1:]), (2 * plan.workers, *default[1:])]
+    threads = [default, *one_batch, *decoders]
     rows = [_choice(*t, batch) for t in dict.fromkeys(threads)]
     rows += [_choice(*default, b) for b in (batch // 2, batch * 2)]
     rows.append(_choice(*default, batch, "decode in processes", process_pool))
@@ -457,8 +478,9 @@ def report_models(rows: list[ModelRow], counted: float, threads: int, device: st
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        dtype = f"{r.dtype} (chosen)" if r.used else r.dtype
         lines.append(
-            f"| {r.name} | {r.dtype} | {r.flops_per_frame / 1e9:.2f} | {r.gemm_flops_per_s / 1e9:.0f} "
+            f"| {r.name} | {dtype} | {r.flops_per_frame / 1e9:.2f} | {r.gemm_flops_per_s / 1e9:.0f} "
             f"| {r.floor_frames_per_s:.1f} | {r.frames_per_s:.1f} | {r.ratio:.0%} |"
         )
     by_key = {(r.name, r.dtype): r for r in rows}
@@ -536,11 +558,13 @@ def run_device(
     model: LoadedModel, folder: Path, weights: Path, workdir: Path, repeats: int, videos: list[np.ndarray]
 ) -> DeviceResult:
     """Sections 1-3 on the model's device: indexer vs loop, model vs floor, time shares."""
-    settle_precision(model, videos[:2])
-    print(f"{model.device}: the model runs in {dtype_name(model.dtype)}", file=sys.stderr)
-    comparison = compare_indexers(folder, model, workdir, repeats)
+    baseline = fp32(model)
+    indexed = dataclasses.replace(model)
+    settle_precision(indexed, videos[:2])
+    print(f"{model.device}: the indexer runs the model in {dtype_name(indexed.dtype)}", file=sys.stderr)
+    comparison = compare_indexers(folder, indexed, baseline, workdir, repeats)
     plan = thread_plan(model.device)
-    models = {BACKBONE: model, TS2: load(weights, str(model.device), trainable=True)}
+    models = {BACKBONE: baseline, TS2: fp32(load(weights, str(model.device), trainable=True))}
     with indexer._torch_threads(plan.torch_threads):  # the thread count the indexer runs the model with
         rows, counted = model_vs_floor(models, videos)
     return DeviceResult(comparison, rows, counted, plan.torch_threads)
@@ -578,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         raw["gpu"] = gpu.to_json()
     sections.append(report_gpu(gpu.comparison if gpu else None))
     if args.sweep:
+        settle_precision(model, videos[:2])
         rows = sweep(folder, model, args.workdir, repeats, sweep_choices(model, indexer.available_cores()))
         sections.append(report_sweep(rows, len(paths)))
         raw["sweep"] = [{"label": r.label, "timings": [dataclasses.asdict(t) for t in r.timings]} for r in rows]

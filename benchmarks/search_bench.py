@@ -280,6 +280,35 @@ def text_encoding_times(model: LoadedModel, count: int, other_threads: int) -> t
 
 
 @dataclass
+class TextPrecision:
+    """The text tower as ``ts2 search`` runs it (bf16 weights on a CPU with native bf16) against fp32."""
+
+    dtype: str
+    seconds: list[float]
+    fp32_seconds: list[float]
+    min_cosine: float
+    """Lowest cosine between the two query vectors of a text."""
+
+
+def compare_text_precision(fp32_model: LoadedModel, model: LoadedModel, count: int) -> TextPrecision:
+    texts = sentences(count + 3)
+    for text in texts[:3]:
+        text_query(fp32_model, text)
+        text_query(model, text)
+    models = {"used": model, "fp32": fp32_model}
+    seconds, fp32_seconds, cosines = [], [], []
+    for i, text in enumerate(texts[3:]):
+        order = ("used", "fp32") if i % 2 else ("fp32", "used")  # alternate which runs first
+        runs = {name: timed(partial(text_query, models[name], text)) for name in order}
+        seconds.append(runs["used"][0])
+        fp32_seconds.append(runs["fp32"][0])
+        used, full = runs["used"][1][0], runs["fp32"][1][0]
+        cosines.append(float(used @ full / np.linalg.norm(used) / np.linalg.norm(full)))
+    dtype = "fp32" if model.dtype is None else str(model.dtype).removeprefix("torch.")
+    return TextPrecision(dtype, seconds, fp32_seconds, min(cosines))
+
+
+@dataclass
 class GroundTruth:
     ids: np.ndarray
     """(N,) video ids, ascending."""
@@ -355,7 +384,6 @@ class StageTimes:
 
     ann: list[float] = field(default_factory=list)
     sql: list[float] = field(default_factory=list)
-    cast: list[float] = field(default_factory=list)
     score: list[float] = field(default_factory=list)
     rows: list[float] = field(default_factory=list)
     rank: list[float] = field(default_factory=list)
@@ -366,7 +394,7 @@ class StageTimes:
 
     @property
     def rerank(self) -> list[float]:
-        return [a + b + c + d for a, b, c, d in zip(self.sql, self.cast, self.score, self.rows, strict=True)]
+        return [a + b + c for a, b, c in zip(self.sql, self.score, self.rows, strict=True)]
 
 
 @dataclass
@@ -383,26 +411,23 @@ class CandidateResult:
 
 
 def mirror_rank(library: Library, query: np.ndarray, k: int, eps: float | None, times: StageTimes) -> np.ndarray:
-    """The steps of ``rank`` one by one (with the float16 read and the cast to float32 timed apart); returns the
-    ANN candidates."""
+    """The steps of ``rank`` one by one; returns the ANN candidates."""
     t0 = time.perf_counter()
     found, _ = library.knn(query, k)
     t1 = time.perf_counter()
     stored = library.frame_features(found.tolist(), dtype=np.float16)
     t2 = time.perf_counter()
     ids = [i for i in found.tolist() if i in stored]
-    arrays = [stored[i].astype(np.float32) for i in ids]
+    scores, weights = score_videos(query, [stored[i] for i in ids], eps=eps)
     t3 = time.perf_counter()
-    scores, weights = score_videos(query, arrays, eps=eps)
-    t4 = time.perf_counter()
     order = np.argsort(-scores, kind="stable")[:LIMIT]
     rows = library.videos([ids[i] for i in order])
     for position in order:
         row = rows[ids[position]]
         matching_moment(row.frame_times, weights[position][: len(row.frame_times)], row.duration)
-    t5 = time.perf_counter()
-    buckets = (times.ann, times.sql, times.cast, times.score, times.rows)
-    for bucket, seconds in zip(buckets, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+    t4 = time.perf_counter()
+    buckets = (times.ann, times.sql, times.score, times.rows)
+    for bucket, seconds in zip(buckets, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
         bucket.append(seconds)
     return found
 
@@ -653,11 +678,12 @@ def print_report(args: argparse.Namespace, run: RunResult) -> None:
         )
     print(
         "\ntotal = text encoding + `rank()` (ANN + re-rank as `ts2 search` runs them), paired by query index; "
-        "re-rank = SQL + cast + score + rows below; brute force = inner products with all global vectors + top-k."
+        "re-rank = SQL + score (fp16 to fp32 cast included) + rows below; "
+        "brute force = inner products with all global vectors + top-k."
     )
     print("\n### Steps and recall by number of candidates (ms, median / p90)\n")
     print(
-        "| data | candidates | ANN | SQL (fp16) | cast to fp32 | score | rows | `rank()` | brute force "
+        "| data | candidates | ANN | SQL (fp16) | score | rows | `rank()` | brute force "
         "| ANN recall@k | recall@10 | recall@10, exact stage 1 | worst query |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -665,7 +691,7 @@ def print_report(args: argparse.Namespace, run: RunResult) -> None:
         for r in rows:
             t = r.times
             print(
-                f"| {kind} | {r.candidates} | {ms(t.ann)} | {ms(t.sql)} | {ms(t.cast)} | {ms(t.score)} "
+                f"| {kind} | {r.candidates} | {ms(t.ann)} | {ms(t.sql)} | {ms(t.score)} "
                 f"| {ms(t.rows)} | {ms(t.rank)} | {ms(t.brute_force)} | {r.ann_recall:.3f} | {r.recall:.3f} "
                 f"| {r.oracle_recall:.3f} | {r.min_recall:.1f} |"
             )
@@ -676,6 +702,12 @@ def print_report(args: argparse.Namespace, run: RunResult) -> None:
     for kind, rows in run.results.items():
         t = next(r for r in rows if r.candidates == default).times
         print(f"| `rank()`, {kind}, {default} candidates | {ms(t.rank)} | {ms(t.rank_other_threads)} |")
+    if run.text_precision is not None:
+        tp = run.text_precision
+        print(f"\n### Text encoding precision (ms, median / p90, {len(tp.seconds)} texts, alternating)\n")
+        print(f"| {tp.dtype} (as ts2 runs it) | fp32 | lowest cosine between the two query vectors |")
+        print("|---:|---:|---:|")
+        print(f"| {ms(tp.seconds)} | {ms(tp.fp32_seconds)} | {tp.min_cosine:.6f} |")
     if run.cold is not None:
         print_cold(run.cold)
 
@@ -718,6 +750,7 @@ class RunResult:
     """The count compared with: torch's own when ts2 sets another, else one."""
     text_encoding: list[float] = field(default_factory=list)
     text_encoding_other_threads: list[float] = field(default_factory=list)
+    text_precision: TextPrecision | None = None
     results: dict[str, list[CandidateResult]] = field(default_factory=dict)
     cold: ColdResult | None = None
 
@@ -782,9 +815,11 @@ def main() -> None:
     libraries = {
         kind: ensure_library(args.workdir, library_params(args, kind), identity) for kind in ("clustered", "uniform")
     }
-    if use_model:  # load it as `ts2 search` does, which also settles the torch thread count
+    fp32_model = model
+    if use_model:  # load it as `ts2 search` does, which also settles the torch thread count and precision
         with Library.open(libraries["clustered"]) as library:
             model = load_library_model(library, None, device="cpu", text_only=True)
+        run.text_precision = compare_text_precision(fp32_model, model, args.text_queries)
     run.ts2_threads = torch.get_num_threads()
     run.other_threads = run.default_threads if run.ts2_threads != run.default_threads else 1
     run.text_encoding, run.text_encoding_other_threads = text_encoding_times(

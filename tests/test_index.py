@@ -157,7 +157,11 @@ def ts2_index(folder: Path, library: Path, tiny_files: Path, *extra: str) -> lis
 def count_ok(library: Path) -> int:
     if not (library / "library.sqlite3").exists():
         return 0
-    with Library.open(library) as lib:
+    try:
+        lib = Library.open(library)
+    except LibraryError:  # the indexer is still creating it
+        return 0
+    with lib:
         return lib.stats().videos_ok
 
 

@@ -1,28 +1,77 @@
-"""Inference precision: bf16 on the CPU only where it is native, keeps features within cosine 0.999, and is faster."""
+"""Inference precision: bf16 weights on the CPU only where bf16 is native, keeps features within cosine 0.999, and is
+faster; the text tower runs only up to the last EOT token."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
-from tiny_models import random_video, tiny_net
+from tiny_models import TINY_CLIP, random_video, tiny_net
 
-from ts2cli.model.precision import BF16_MIN_COSINE, compare_autocast, cpu_has_native_bf16, inference_dtype
+from ts2cli.model import ModelOptions, load_model
+from ts2cli.model.precision import BF16_MIN_COSINE, cast_copy, compare_reduced, cpu_has_native_bf16, cpu_reduced_net
+from ts2cli.model.preprocess import tokenize
 
 
 def test_bf16_check_measures_feature_agreement_and_time():
-    net = tiny_net(zero_shot=True)
+    net = tiny_net(frames=4)
     pixels, mask = random_video(2, frames=4), torch.ones(2, 4, dtype=torch.long)
-    cosine, time_ratio = compare_autocast(net, pixels, mask, torch.bfloat16)
-    assert 0.9 < cosine <= 1.0 + 1e-6
-    assert time_ratio > 0
+    reduced = cast_copy(net, torch.bfloat16)
+    assert {p.dtype for p in net.parameters()} == {torch.float32}  # the original is untouched
+    assert {p.dtype for p in reduced.clip.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in reduced.selector.parameters()} == {torch.float32}  # selection stays fp32
+    comparison = compare_reduced(net, reduced, pixels, mask)
+    assert 0.9 < comparison.cosine <= 1.0 + 1e-6
+    assert comparison.time_ratio > 0
 
 
 def test_cpu_precision_follows_the_check():
     net = tiny_net(zero_shot=True)
     pixels, mask = random_video(1, frames=4), torch.ones(1, 4, dtype=torch.long)
-    chosen = inference_dtype(net, torch.device("cpu"), pixels, mask)
+    reduced = cpu_reduced_net(net, pixels, mask)
     if not cpu_has_native_bf16():
-        assert chosen is None
-    else:
-        assert chosen in (None, torch.bfloat16)
-        if chosen == torch.bfloat16:
-            assert compare_autocast(net, pixels, mask, torch.bfloat16)[0] >= BF16_MIN_COSINE
+        assert reduced is None
+    elif reduced is not None:
+        assert next(reduced.clip.parameters()).dtype == torch.bfloat16
+        assert compare_reduced(net, reduced, pixels, mask).cosine >= BF16_MIN_COSINE
+
+
+def test_loaded_model_runs_videos_in_the_chosen_precision():
+    loaded = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, frames=4, device="cpu"))
+    fp32 = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, frames=4, device="cpu"))
+    fp32.precision_known = True
+    videos = [np.random.default_rng(i).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for i in range(2)]
+    features, mask = loaded.encode_videos(videos)
+    reference, _ = fp32.encode_videos(videos)
+    assert loaded.precision_known and features.dtype == np.float32 and mask.all()
+    weights = next(loaded.net.clip.parameters()).dtype
+    assert weights == (loaded.dtype or torch.float32)
+    unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
+    unit_ref = reference / np.linalg.norm(reference, axis=-1, keepdims=True)
+    assert (unit * unit_ref).sum(-1).min() >= (BF16_MIN_COSINE if loaded.dtype else 1 - 1e-6)
+
+
+@pytest.mark.parametrize("texts", [["a dog"], ["a dog", "a much longer description of a dog catching a frisbee"]])
+def test_text_runs_only_up_to_the_last_eot_with_the_same_result(texts):
+    net = tiny_net(zero_shot=True).eval()
+    ids = tokenize(texts, 32).ids
+    with torch.inference_mode():
+        short = net.encode_text(ids)
+        clip = net.clip  # the full 32 positions, as before truncation
+        x = clip.token_embedding(ids) + clip.positional_embedding[:32]
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:32, :32]))
+        full = x[torch.arange(len(texts)), ids.argmax(-1)] @ clip.text_projection
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_model_is_bf16_on_a_native_bf16_cpu_and_agrees_with_fp32():
+    options = ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, frames=4, device="cpu")
+    text = load_model(options, text_only=True)
+    text.reduce_text_precision()
+    full = load_model(options)
+    assert text.dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    queries = ["a dog catches a frisbee", "two people dance in a kitchen"]
+    low, _ = text.encode_texts(queries)
+    reference, _ = full.encode_texts(queries)
+    cosine = (low * reference).sum(-1) / np.linalg.norm(low, axis=-1) / np.linalg.norm(reference, axis=-1)
+    assert low.dtype == np.float32 and cosine.min() >= BF16_MIN_COSINE

@@ -186,9 +186,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# Share of the cores that decode on the CPU: sampling 12 frames costs a quarter to a half of what the model
-# costs per video (640x360 H.264, ViT-B/32), benchmarks/index_bench.py.
+# Decoding 12 frames costs a fifth to a third of what the model costs per video on the CPU (640x360 H.264,
+# ViT-B/32 bf16, benchmarks/index_bench.py): a quarter of the cores decode, and never fewer than two decoders,
+# so that the first batches fill quickly and one slow file does not starve the model.
 DECODE_SHARE = 0.25
+MIN_DECODERS = 2
 
 
 def thread_plan(
@@ -199,26 +201,27 @@ def thread_plan(
 ) -> ThreadPlan:
     """How to split the cores between decoding and the model; explicit choices win.
 
-    On the CPU the model runs as two independent batches at a time, each on its own torch threads, rather than
-    one batch on all of them: torch's OpenMP threads meet at a barrier after every operation, so when one of
-    them is preempted (by a decoder, or by any other program) the others wait. On 2 cores shared with other
-    programs one torch thread ran the model 1.3-2× faster than two (4-batch forward, interleaved repeats), and
-    two single-threaded batches side by side stay close to that under load while using both cores when the
-    machine is free. On CUDA the GPU waits on decoding, so every core decodes.
+    On the CPU two batches run side by side, each on half of the remaining cores, rather than one batch on
+    all of them: torch's OpenMP threads meet at a barrier after every operation, so when one is preempted (by
+    a decoder, or by any other program) the others wait, while independent single-threaded workers just share
+    the cores. Measured on 2 cores shared with other programs (docs/benchmarks.md, "Indexing"): one torch
+    thread ran a forward 1.3-2× faster than two under load; in the indexer, 2 decoders + 2 model workers × 1
+    thread was the fastest choice or within the noise of it both with and without load. On CUDA the GPU
+    waits on decoding, so every core decodes.
     """
     cores = available_cores()
     if device.type == "cuda":
         return ThreadPlan(workers or max(1, min(cores, 16)), model_workers or 1, torch_threads or 1)
-    decode = workers or max(1, round(cores * DECODE_SHARE))
-    runners = model_workers or 2
-    return ThreadPlan(decode, runners, torch_threads or max(1, (cores - decode) // runners))
+    decoders = workers or max(MIN_DECODERS, round(cores * DECODE_SHARE))
+    runners = model_workers or (2 if cores > 1 else 1)
+    return ThreadPlan(decoders, runners, torch_threads or max(1, (cores - decoders) // runners))
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Videos per forward. On the CPU each video is already 12 × 50 = 600 tokens, so matrix products are
-    efficient from one video up; 8 keeps memory small while amortising per-forward costs. A GPU wants big
-    batches to fill its cores."""
-    return 32 if device.type == "cuda" else 8
+    """Videos per forward. On the CPU 4 videos are 4 × 12 × 50 = 2400 tokens, already enough for efficient
+    matrix products, and small batches let both model workers start early: with 8, a 14-video run became one
+    batch per worker and the second waited for all 14 decodes (model idle 23%). A GPU wants big batches."""
+    return 32 if device.type == "cuda" else 4
 
 
 def index_folders(

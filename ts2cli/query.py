@@ -35,6 +35,8 @@ def load_library_model(
             f"The library at {library.directory} was built with another model ({describe(stored)}); "
             "search it with that model, or re-index with `ts2 index --rebuild`."
         )
+    if text_only:
+        model.reduce_text_precision()
     return model
 
 

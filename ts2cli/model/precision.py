@@ -1,13 +1,24 @@
-"""Choice of inference precision: fp16 autocast on CUDA; on CPU bf16 only where it is native, accurate and faster."""
+"""Choice of inference precision: fp16 autocast on CUDA; on the CPU, bf16 weights where bf16 is native, accurate
+and faster.
+
+On the CPU the network's weights are cast to bf16 once, rather than run under bf16 autocast: autocast casts
+every weight again at each forward and keeps several ops in fp32, and on the AMX test machine it ran ViT-B-32
+slower than fp32 (12.7 vs 13.8 frames/s, 48-frame batch, 2 threads), while bf16 weights ran it at 40.5 frames/s
+with features at cosine 0.99994 to fp32 (benchmarks/index_bench.py measures both).
+"""
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .ts2net import TS2Net
 
 BF16_MIN_COSINE = 0.999
 BF16_MAX_TIME_RATIO = 0.9
@@ -23,31 +34,44 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cast_copy(net: TS2Net, dtype: torch.dtype) -> TS2Net:
+    """A copy of ``net`` whose CLIP backbone is ``dtype`` (the original is left as it is). Token selection, the
+    temporal transformer and the similarity stay in fp32, as under autocast: they are cheap, and the top-k
+    choice should not hinge on bf16 rounding."""
+    reduced = copy.deepcopy(net)
+    reduced.clip.to(dtype)
+    return reduced
+
+
+@dataclass(frozen=True)
+class Comparison:
+    cosine: float
+    """Lowest cosine, over frames, between the per-frame features of the two networks."""
+    time_ratio: float
+    """Forward time of the reduced network as a fraction of the fp32 one's."""
+
+    @property
+    def acceptable(self) -> bool:
+        return self.cosine >= BF16_MIN_COSINE and self.time_ratio < BF16_MAX_TIME_RATIO
+
+
 @torch.inference_mode()
-def compare_autocast(
-    net: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
-) -> tuple[float, float]:
-    """Lowest cosine, over frames, between per-frame features in fp32 and under ``dtype`` autocast, and the time
-    under ``dtype`` as a fraction of the fp32 time (one forward each, on the same batch)."""
+def compare_reduced(net: TS2Net, reduced: TS2Net, pixels: torch.Tensor, mask: torch.Tensor) -> Comparison:
+    """One forward of each network on the same batch; ``reduced`` gets the pixels in its own dtype."""
+    dtype = next(reduced.clip.parameters()).dtype
     start = time.perf_counter()
     reference, _ = net.encode_video(pixels, mask)
     full = time.perf_counter() - start
     start = time.perf_counter()
-    with torch.autocast(pixels.device.type, dtype=dtype):
-        reduced, _ = net.encode_video(pixels, mask)
-    low = time.perf_counter() - start
-    cosine = F.cosine_similarity(reference.float(), reduced.float(), dim=-1).min().item()
-    return cosine, low / max(full, 1e-9)
+    low, _ = reduced.encode_video(pixels.to(dtype), mask)
+    taken = time.perf_counter() - start
+    cosine = F.cosine_similarity(reference.float(), low.float(), dim=-1).min().item()
+    return Comparison(cosine, taken / max(full, 1e-9))
 
 
-def inference_dtype(
-    net: torch.nn.Module, device: torch.device, pixels: torch.Tensor, mask: torch.Tensor
-) -> torch.dtype | None:
-    if device.type == "cuda":
-        return torch.float16
+def cpu_reduced_net(net: TS2Net, pixels: torch.Tensor, mask: torch.Tensor) -> TS2Net | None:
+    """A bf16 copy of ``net`` if it passes the check on this real batch, else None (stay in fp32)."""
     if not cpu_has_native_bf16():
         return None
-    # Accurate is not enough: on the AMX test machine bf16 autocast ran ViT-B-32 at 4.6 frames/s against 6.4 in
-    # fp32 (benchmarks/index_bench.py), so bf16 must also prove faster on the real batch.
-    cosine, time_ratio = compare_autocast(net, pixels, mask, torch.bfloat16)
-    return torch.bfloat16 if cosine >= BF16_MIN_COSINE and time_ratio < BF16_MAX_TIME_RATIO else None
+    reduced = cast_copy(net, torch.bfloat16)
+    return reduced if compare_reduced(net, reduced, pixels, mask).acceptable else None

@@ -51,14 +51,20 @@ class TS2Net(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, words) token ids → (B, D) features at the EOT token (spec §2).
 
-        Only the first ``words`` positions are run: the causal mask makes the result identical to padding to 77.
+        Under the causal mask a position sees only those before it, so the padding after the last EOT changes
+        nothing: only the positions up to it are run (the result equals padding to 77, at a fraction of the cost
+        for a short query).
         """
         clip = self.clip
-        length = ids.shape[1]
+        eot = ids.argmax(dim=-1)
+        causal = clip.attn_mask
+        length = int(eot.max()) + 1 if causal is not None else ids.shape[1]
+        ids = ids[:, :length]
         x = clip.token_embedding(ids) + clip.positional_embedding[:length].to(clip.token_embedding.weight.dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        mask = causal[:length, :length].to(x.dtype) if causal is not None else None
+        x = clip.transformer(x, attn_mask=mask)
         x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
         projection = clip.text_projection
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
