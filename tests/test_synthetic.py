@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ts2cli.datasets import load_caption_csv
-from ts2cli.synthetic import COLOURS, MOTION_PAIRS, SHAPES, write_shapes_dataset, write_shapes_splits
+from ts2cli.synthetic import COLOURS, MOTION_PAIRS, SHAPES, caption_count, write_shapes_dataset, write_shapes_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +131,17 @@ def test_splits_share_videos_and_load(tmp_path: Path):
     assert len(set(test.captions)) == 5
     assert all(path.is_file() for path in train.videos + test.videos)
     assert _rows(train_csv) == _rows(write_shapes_dataset(tmp_path / "alone", n_clips=6, seed=3))
+
+
+def test_caption_subsets(tmp_path: Path):
+    subset = {"colours": ("red", "blue"), "shapes": ("ball",)}
+    assert caption_count(**subset) == 12 and caption_count() == 72
+    _, test_csv = write_shapes_splits(tmp_path, n_train=2, n_test=12, seed=0, size=32, frames=2, **subset)
+    captions = [caption for _, caption in _rows(test_csv)]
+    assert len(set(captions)) == 12
+    assert {_split_caption(c)[0] for c in captions} == {"a red ball", "a blue ball"}
+    with pytest.raises(ValueError, match="colours"):
+        write_shapes_dataset(tmp_path / "bad", n_clips=2, seed=0, colours=("purple",))
 
 
 def test_rejects_odd_sizes(tmp_path: Path):
