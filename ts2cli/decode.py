@@ -26,16 +26,19 @@ import errno
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import numpy as np
 from av.video.reformatter import Colorspace, Interpolation
 
-from ts2cli.errors import VideoDecodeError
+from ts2cli.errors import Ts2Error, VideoDecodeError, one_line
 
 METHODS = ("auto", "seek", "sequential")
 
@@ -111,7 +114,7 @@ def sample_frames(
     if not 0.0 <= keyframe_snap <= 0.5:
         raise ValueError("keyframe_snap must be between 0 and 0.5")
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         return _sample(path, num_frames, size, method, keyframe_snap)
     except VideoDecodeError:
@@ -124,10 +127,10 @@ def sample_frames(
         # Matched on errno, not on PermissionError: FFmpeg maps EPERM ("cannot seek") to it as well.
         if getattr(error, "errno", None) == errno.EACCES:
             raise VideoDecodeError("permission denied") from error
-        raise VideoDecodeError(f"could not decode: {_one_line(error)}") from error
+        raise VideoDecodeError(f"could not decode: {one_line(error)}") from error
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     """Turn the common filesystem problems into plain reasons before FFmpeg turns them into codes."""
     try:
         info = path.stat()
@@ -136,18 +139,13 @@ def _check_file(path: Path) -> None:
     except PermissionError as error:
         raise VideoDecodeError("permission denied") from error
     except OSError as error:
-        raise VideoDecodeError(f"cannot read file: {_one_line(error)}") from error
+        raise VideoDecodeError(f"cannot read file: {one_line(error)}") from error
     if path.is_dir():
         raise VideoDecodeError("is a folder, not a video file")
     if info.st_size == 0:
         raise VideoDecodeError("empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise VideoDecodeError("permission denied")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:200]
 
 
 @dataclass
@@ -169,7 +167,7 @@ def plan_sampling(
     keyframe_snap: float = 0.0,
 ) -> _Plan:
     """Everything decided before decoding: stream, duration, target times, and the method ``auto`` picks."""
-    stream = _video_stream(container)
+    stream = video_stream(container)
     stream.codec_context.thread_type = "AUTO"
     for other in container.streams:
         if other.index != stream.index:
@@ -221,7 +219,7 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     fmt = container.format.name
     if fmt.endswith(_IMAGE_FORMAT_SUFFIX) or fmt in _IMAGE_FORMATS:
         kind = fmt.removesuffix(_IMAGE_FORMAT_SUFFIX)
@@ -549,3 +547,43 @@ def _seek(
                 seeker.seeking_useless = True  # seeking failed here and will fail again: decode forward
             return itertools.chain([first], frames)
     return _decode(container, stream, plan.fps, plan.start)
+
+
+# ----------------------------------------------------------------------------- decoding ahead of a consumer
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def decode_ahead(items: Sequence[T], decode: Callable[[T], R], workers: int, ahead: int) -> Iterator[tuple[T, R | str]]:
+    """``decode(item)`` for every item, in order, with up to ``ahead`` decodes running in ``workers`` threads.
+
+    PyAV releases the GIL while decoding, so threads overlap decoding with the model. A failure comes back as
+    a one-line reason instead of an exception: one broken file must never stop a run.
+    """
+    queue: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
+        try:
+            for item in items:
+                queue.append((item, pool.submit(decode, item)))
+                if len(queue) >= max(ahead, workers):
+                    yield _outcome(*queue.popleft())
+            while queue:
+                yield _outcome(*queue.popleft())
+        finally:
+            for _, future in queue:
+                future.cancel()
+
+
+def _outcome(item: T, future: Future[R]) -> tuple[T, R | str]:
+    try:
+        return item, future.result()
+    except Exception as error:  # a broken file must never abort the run
+        return item, failure_reason(error)
+
+
+def failure_reason(error: Exception) -> str:
+    """What the user reads about a video that could not be decoded: ts2's own message, else FFmpeg's in one line."""
+    if isinstance(error, Ts2Error):
+        return str(error)
+    return f"could not decode: {type(error).__name__}: {one_line(error)}"

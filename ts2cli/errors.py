@@ -21,3 +21,9 @@ class VideoDecodeError(Ts2Error):
 
 class LibraryError(Ts2Error):
     """The library directory is missing, locked, from another model, or from a newer ts2."""
+
+
+def one_line(error: BaseException | str, limit: int = 200) -> str:
+    """An exception's (or any) text on one line, whitespace collapsed, at most ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

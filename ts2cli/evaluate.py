@@ -20,9 +20,7 @@ import json
 import os
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import MSRVTT_DATA_JSON, MSRVTT_TEST_CSV, MSRVTT_TRAIN_CSV, MSRVTT_VIDEO_DIRS, CaptionSet
-from .decode import sample_frames
+from .decode import decode_ahead, sample_frames
 from .errors import Ts2Error
 from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
 from .model import LoadedModel, TS2Net
@@ -219,37 +217,6 @@ class FeatureCache:
 def _digest(data: dict[str, Any]) -> str:
     text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def decode_ahead(
-    items: Sequence[T], decode: Callable[[T], np.ndarray], workers: int, ahead: int
-) -> Iterator[tuple[T, np.ndarray | str]]:
-    """``decode(item)`` for every item, in order, with up to ``ahead`` decodes running in ``workers`` threads.
-
-    PyAV releases the GIL while decoding, so threads overlap decoding with the model. A failure comes back as
-    a one-line reason instead of an exception: one broken file must never stop a run.
-    """
-    queue: deque[tuple[T, Future[np.ndarray]]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
-        try:
-            for item in items:
-                queue.append((item, pool.submit(decode, item)))
-                if len(queue) >= max(ahead, workers):
-                    yield _outcome(*queue.popleft())
-            while queue:
-                yield _outcome(*queue.popleft())
-        finally:
-            for _, future in queue:
-                future.cancel()
-
-
-def _outcome(item: T, future: Future[np.ndarray]) -> tuple[T, np.ndarray | str]:
-    try:
-        return item, future.result()
-    except Ts2Error as error:
-        return item, str(error)
-    except Exception as error:  # a broken file must never abort the run
-        return item, f"could not decode: {type(error).__name__}: {error}".splitlines()[0]
 
 
 def default_workers() -> int:

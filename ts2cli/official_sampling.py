@@ -20,8 +20,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .decode import _check_file, _one_line, _video_stream
-from .errors import VideoDecodeError
+from .decode import check_file, video_stream
+from .errors import VideoDecodeError, one_line
 
 OFFICIAL_MAX_FRAMES = 12
 
@@ -79,7 +79,7 @@ def sample_official(path: Path | str, size: int = 224, max_frames: int = OFFICIA
     """The frames the reference would feed the model for ``path``; ``VideoDecodeError`` if there are none
     (where the reference would silently use an all-zero video and mask, spec §10.1 quirk 6)."""
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         numbers, frames, fps = _read_second_starts(path, size)
     except VideoDecodeError:
@@ -87,7 +87,7 @@ def sample_official(path: Path | str, size: int = 224, max_frames: int = OFFICIA
     except av.error.InvalidDataError as error:
         raise VideoDecodeError("not a video file or unsupported format (or the file is damaged)") from error
     except (av.FFmpegError, OSError, EOFError, ValueError, MemoryError) as error:
-        raise VideoDecodeError(f"could not decode: {_one_line(error)}") from error
+        raise VideoDecodeError(f"could not decode: {one_line(error)}") from error
     if not frames:
         raise VideoDecodeError("no decodable frames")
     keep = thin_out(len(frames), max_frames)
@@ -96,7 +96,7 @@ def sample_official(path: Path | str, size: int = 224, max_frames: int = OFFICIA
 
 def _read_second_starts(path: Path, size: int) -> tuple[list[int], list[np.ndarray], int]:
     with av.open(str(path), mode="r", metadata_errors="ignore") as container:
-        stream = _video_stream(container)
+        stream = video_stream(container)
         stream.codec_context.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or 0
         fps = int(rate)
@@ -115,7 +115,7 @@ def _read_second_starts(path: Path, size: int) -> tuple[list[int], list[np.ndarr
         except (av.FFmpegError, EOFError) as error:
             # The reference stops at the first failed read and keeps what it has.
             if not frames:
-                raise VideoDecodeError(f"could not decode: {_one_line(error)}") from error
+                raise VideoDecodeError(f"could not decode: {one_line(error)}") from error
     return numbers, frames, max(fps, 1)
 
 

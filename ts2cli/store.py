@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import platformdirs
 
-from ts2cli.errors import LibraryError
+from ts2cli.errors import LibraryError, one_line
 
 SCHEMA_VERSION = 1
 
@@ -507,7 +507,7 @@ class Library:
                 height=None,
                 frame_times=None,
                 status="failed",
-                error=_one_line(error),
+                error=one_line(error, _ERROR_MAX_CHARS),
             )
             self._conn.execute("DELETE FROM features WHERE video_id = ?", (video_id,))
             if had_features:
@@ -959,11 +959,6 @@ def _video_row(row: Sequence[Any]) -> VideoRow:
 def _decode_frames(blob: bytes, dim: int, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     frames = np.frombuffer(blob, dtype="<f2").reshape(-1, dim)
     return frames if np.dtype(dtype) == frames.dtype else frames.astype(dtype)
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= _ERROR_MAX_CHARS else line[: _ERROR_MAX_CHARS - 1] + "…"
 
 
 def _canonical_json(config: dict[str, Any]) -> str:

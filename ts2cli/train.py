@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from .datasets import CaptionSet
+from .decode import decode_ahead
 from .errors import Ts2Error, VideoDecodeError
 from .evaluate import (
     EvalOptions,
     EvalProgress,
     FrameSampler,
     Head,
-    decode_ahead,
     default_workers,
     evaluate,
     frame_sampler,

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, Ts2Error, WeightsNotFoundError
+from ..errors import CheckpointError, Ts2Error, WeightsNotFoundError, one_line
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -49,7 +49,7 @@ def read_model_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise Ts2Error(f"Cannot read the model config {path}: {_one_line(exc)}") from None
+        raise Ts2Error(f"Cannot read the model config {path}: {one_line(exc)}") from None
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= cfg.keys():
         raise Ts2Error(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg and text_cfg).")
     return cfg
@@ -154,7 +154,7 @@ def resolve_pretrained(name: str, pretrained: str) -> Path:
         return Path(download_pretrained(cfg))
     except Exception as exc:
         raise WeightsNotFoundError(
-            f"Could not download the '{pretrained}' CLIP weights for {name} ({_one_line(exc)}); "
+            f"Could not download the '{pretrained}' CLIP weights for {name} ({one_line(exc)}); "
             "pass a local weights file with --pretrained PATH."
         ) from None
 
@@ -198,7 +198,7 @@ def read_state_dict(path: Path, keep: Callable[[str], bool] | None = None) -> di
     except (CheckpointError, WeightsNotFoundError):
         raise
     except Exception as exc:
-        raise CheckpointError(f"Cannot read weights from {path}: {_one_line(exc)}") from None
+        raise CheckpointError(f"Cannot read weights from {path}: {one_line(exc)}") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -217,11 +217,6 @@ def _torch_load(path: Path) -> Any:
         if "mmap" not in str(exc):
             raise
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def config_from_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
