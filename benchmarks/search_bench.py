@@ -24,7 +24,6 @@ The first run writes the libraries (about 2 and 5 minutes at 100k videos on 2 co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -42,15 +41,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `ts2 search` runs numpy (see ts2cli/cli.py)
+
 import numpy as np
 import torch
 
 from ts2cli.errors import LibraryError
 from ts2cli.indexer import global_vector
-from ts2cli.model import LoadedModel, ModelOptions, frame_weighted_similarity, load_model
-from ts2cli.query import load_library_model, text_query
+from ts2cli.model import ModelOptions, frame_weighted_similarity, load_model
+from ts2cli.query import TextModel, load_library_model, text_query
 from ts2cli.search import SearchOptions, library_eps, matching_moment, rank, score_videos
 from ts2cli.store import Library
+from ts2cli.text_encoder import load_text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 MSRVTT_CAPTIONS = REPO.parent / "shared" / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
@@ -248,64 +250,36 @@ def ms(values: Sequence[float]) -> str:
     return f"{median(values) * 1e3:.1f} / {p90(values) * 1e3:.1f}"
 
 
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+@dataclass
+class TextEncoderTiming:
+    """One way of encoding a query, timed on the same texts as the others, and its distance to fp32 torch."""
+
+    name: str
+    seconds: list[float]
+    min_cosine: float
+    """Lowest cosine, over the texts, between its query vector and the fp32 torch model's."""
 
 
-def alternating(i: int, fn: Callable[[], Any], other_threads: int) -> tuple[float, Any, float]:
-    """Seconds of ``fn`` as it is and its result, and seconds with ``other_threads`` torch threads; the two runs
-    alternate in order."""
-    if i % 2:
-        with torch_threads(other_threads):
-            other = timed(fn)[0]
-        return *timed(fn), other
-    seconds, result = timed(fn)
-    with torch_threads(other_threads):
-        return seconds, result, timed(fn)[0]
-
-
-def text_encoding_times(model: LoadedModel, count: int, other_threads: int) -> tuple[list[float], list[float]]:
-    """Seconds per query text with the current torch thread count, and with ``other_threads``."""
+def compare_text_encoders(encoders: dict[str, TextModel], count: int) -> list[TextEncoderTiming]:
+    """Each encoder on the same texts, taking turns text by text (so that load from other programs spreads
+    evenly); the last entry is the fp32 reference."""
     texts = sentences(count + 3)
     for text in texts[:3]:  # first calls build the tokenizer and warm up the kernels
-        text_query(model, text)
-    measured = [alternating(i, partial(text_query, model, text), other_threads) for i, text in enumerate(texts[3:])]
-    return [m[0] for m in measured], [m[2] for m in measured]
-
-
-@dataclass
-class TextPrecision:
-    """The text tower as ``ts2 search`` runs it (bf16 weights on a CPU with native bf16) against fp32."""
-
-    dtype: str
-    seconds: list[float]
-    fp32_seconds: list[float]
-    min_cosine: float
-    """Lowest cosine between the two query vectors of a text."""
-
-
-def compare_text_precision(fp32_model: LoadedModel, model: LoadedModel, count: int) -> TextPrecision:
-    texts = sentences(count + 3)
-    for text in texts[:3]:
-        text_query(fp32_model, text)
-        text_query(model, text)
-    models = {"used": model, "fp32": fp32_model}
-    seconds, fp32_seconds, cosines = [], [], []
+        for encoder in encoders.values():
+            text_query(encoder, text)
+    seconds: dict[str, list[float]] = {name: [] for name in encoders}
+    vectors: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    names = list(encoders)
     for i, text in enumerate(texts[3:]):
-        order = ("used", "fp32") if i % 2 else ("fp32", "used")  # alternate which runs first
-        runs = {name: timed(partial(text_query, models[name], text)) for name in order}
-        seconds.append(runs["used"][0])
-        fp32_seconds.append(runs["fp32"][0])
-        used, full = runs["used"][1][0], runs["fp32"][1][0]
-        cosines.append(float(used @ full / np.linalg.norm(used) / np.linalg.norm(full)))
-    dtype = "fp32" if model.dtype is None else str(model.dtype).removeprefix("torch.")
-    return TextPrecision(dtype, seconds, fp32_seconds, min(cosines))
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            taken, (vector, _) = timed(partial(text_query, encoders[name], text))
+            seconds[name].append(taken)
+            vectors[name].append(vector / np.linalg.norm(vector))
+    reference = np.stack(vectors[names[-1]])
+    return [
+        TextEncoderTiming(name, seconds[name], float((np.stack(vectors[name]) * reference).sum(-1).min()))
+        for name in names
+    ]
 
 
 @dataclass
@@ -388,8 +362,6 @@ class StageTimes:
     rows: list[float] = field(default_factory=list)
     rank: list[float] = field(default_factory=list)
     """The real ``rank`` end to end (a separate pass)."""
-    rank_other_threads: list[float] = field(default_factory=list)
-    """The same with the other torch thread count (see ``RunResult.other_threads``)."""
     brute_force: list[float] = field(default_factory=list)
 
     @property
@@ -433,18 +405,14 @@ def mirror_rank(library: Library, query: np.ndarray, k: int, eps: float | None, 
 
 
 def measure_candidates(
-    library: Library, truth: GroundTruth, queries: np.ndarray, k: int, eps: float | None, *, other_threads: int | None
+    library: Library, truth: GroundTruth, queries: np.ndarray, k: int, eps: float | None
 ) -> CandidateResult:
     times = StageTimes()
     options = SearchOptions(limit=LIMIT, candidates=k)
     recalls, ann_recalls, oracle_recalls = [], [], []
     for q, query in enumerate(queries):
         search = partial(rank, library, query, options, eps=eps)
-        if other_threads is not None:
-            seconds, hits, other = alternating(q, search, other_threads)
-            times.rank_other_threads.append(other)
-        else:
-            seconds, hits = timed(search)
+        seconds, hits = timed(search)
         times.rank.append(seconds)
         recalls.append(truth.recall_at_10(q, [hit.video_id for hit in hits]))
     for q, query in enumerate(queries):
@@ -466,8 +434,8 @@ def measure_candidates(
 
 # ---------------------------------------------------------------------- cold start
 
-# Runs what `ts2 search QUERY --library DIR --json` runs, in order, timing each phase (JSON on stdout). The
-# tokenizer is built apart from the first forward pass; argv[3] = N > 0 sets N torch threads after the model load.
+# Runs what `ts2 search QUERY --library DIR --json` runs, in order, timing each phase (JSON on stdout): the
+# library's numpy text encoder, no torch. The tokenizer is built apart from the first encoding.
 COLD_HELPER = """
 import time
 started = time.time()
@@ -477,19 +445,18 @@ import ts2cli.cli
 from ts2cli.report import search_json
 from ts2cli.search import SearchOptions, library_eps, rank, require_searchable
 from ts2cli.store import Library
-from ts2cli.query import load_library_model, text_query
+from ts2cli.query import text_query
+from ts2cli.text_encoder import load_text_encoder
+from ts2cli import tokenizer
 imported = time.perf_counter()
 library = Library.open(sys.argv[1])
 require_searchable(library)
 opened = time.perf_counter()
-model = load_library_model(library, None, device="auto", text_only=True)
-if int(sys.argv[3]) > 0:
-    import torch
-    torch.set_num_threads(int(sys.argv[3]))
+model = load_text_encoder(library)
+assert model is not None, "the library has no text encoder export"
 loaded = time.perf_counter()
-from ts2cli.model.preprocess import tokenize
-tokenize([sys.argv[2]], model.config.words)
-tokenizer = time.perf_counter()
+tokenizer.encode([sys.argv[2]], model.words)
+tokenized = time.perf_counter()
 vector, _ = text_query(model, sys.argv[2])
 encoded = time.perf_counter()
 library.ann()
@@ -497,10 +464,10 @@ ann_loaded = time.perf_counter()
 hits = rank(library, vector, SearchOptions(), eps=library_eps(library))
 json.dumps(search_json(sys.argv[2], model.identity, hits))
 ranked = time.perf_counter()
-heavy = ("open_clip", "torchvision", "timm", "torch._dynamo", "sympy", "av")
+heavy = ("torch", "open_clip", "torchvision", "av")
 print(json.dumps({
-    "imports": imported - began, "library open": opened - imported, "model load": loaded - opened,
-    "tokenizer load": tokenizer - loaded, "text encoding": encoded - tokenizer, "ANN index load": ann_loaded - encoded,
+    "imports": imported - began, "library open": opened - imported, "text encoder load": loaded - opened,
+    "tokenizer load": tokenized - loaded, "text encoding": encoded - tokenized, "ANN index load": ann_loaded - encoded,
     "rank": ranked - ann_loaded, "modules": [m for m in heavy if m in sys.modules],
     "started": started, "ended": time.time(),
 }))
@@ -509,7 +476,7 @@ COLD_PHASES = (
     "interpreter start",
     "imports",
     "library open",
-    "model load",
+    "text encoder load",
     "tokenizer load",
     "text encoding",
     "ANN index load",
@@ -550,15 +517,13 @@ IMPORTTIME_MODULES = (
 @dataclass
 class ColdResult:
     wall: list[float] = field(default_factory=list)
-    """`ts2 search` end to end, per run."""
+    """`ts2 search` end to end, per run (the numpy text encoder: what a user's search runs)."""
+    wall_torch: list[float] = field(default_factory=list)
+    """`ts2 search --model ... --pretrained ...`, which loads the text tower with torch."""
     wall_without_bytecode: list[float] = field(default_factory=list)
-    """The same with PYTHONDONTWRITEBYTECODE set (when it is set here): every ts2cli module compiled each time."""
+    """The same as ``wall`` with PYTHONDONTWRITEBYTECODE set (when it is set here): ts2cli compiled each time."""
     phases: dict[str, list[float]] = field(default_factory=dict)
     helper_wall: list[float] = field(default_factory=list)
-    other_threads: int = 1
-    phases_other_threads: dict[str, list[float]] = field(default_factory=dict)
-    """The same phases with ``other_threads`` torch threads (set after the model load)."""
-    helper_wall_other_threads: list[float] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
     probes: dict[str, list[float]] = field(default_factory=dict)
     importtime: dict[str, float] = field(default_factory=dict)
@@ -596,9 +561,9 @@ def bytecode_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def run_helper(helper: list[str], threads: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+def run_helper(helper: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
     spawned = time.time()
-    seconds, out = run_timed([*helper, threads], env)
+    seconds, out = run_timed(helper, env)
     exited = time.time()
     phases = json.loads(out.strip().splitlines()[-1])
     phases["interpreter start"] = phases["started"] - spawned
@@ -606,40 +571,34 @@ def run_helper(helper: list[str], threads: str, env: dict[str, str]) -> tuple[fl
     return seconds, phases
 
 
-def measure_cold(library: Path, query: str, runs: int, workdir: Path, other_threads: int) -> ColdResult:
-    result = ColdResult(
-        phases={p: [] for p in COLD_PHASES},
-        other_threads=other_threads,
-        phases_other_threads={p: [] for p in COLD_PHASES},
-        probes={label: [] for label, _ in IMPORT_PROBES},
-    )
+def measure_cold(library: Path, query: str, runs: int, workdir: Path, weights: Path) -> ColdResult:
+    result = ColdResult(phases={p: [] for p in COLD_PHASES}, probes={label: [] for label, _ in IMPORT_PROBES})
     search = [*search_command(), "search", query, "--library", str(library), "--json"]
+    search_torch = [*search, "--model", BACKBONE, "--pretrained", str(weights), "--device", "cpu"]
     helper = [sys.executable, "-c", COLD_HELPER, str(library), query]
     probes = [(label, [sys.executable, "-c", code]) for label, code in IMPORT_PROBES]
     env = bytecode_env(workdir)
     without_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
-    # Warm up: fills the bytecode cache and the page cache (weights, database, ANN index, libraries).
-    for command in (search, [*helper, "0"], *(c for _, c in probes)):
+    # Warm up: writes the library's text encoder export (a first search through torch does), fills the bytecode
+    # cache and the page cache (weights, database, ANN index, libraries).
+    for command in (search_torch, search, helper, *(c for _, c in probes)):
         run_timed(command, env)
     for run in range(runs):  # interleaved, so that load from other processes spreads over every figure
         result.wall.append(run_timed(search, env)[0])
+        result.wall_torch.append(run_timed(search_torch, env)[0])
         if without_bytecode:
             result.wall_without_bytecode.append(run_timed(search)[0])
-        for threads, walls, phases in (
-            ("0", result.helper_wall, result.phases),
-            (str(other_threads), result.helper_wall_other_threads, result.phases_other_threads),
-        ):
-            seconds, measured = run_helper(helper, threads, env)
-            walls.append(seconds)
-            for phase in COLD_PHASES:
-                phases[phase].append(measured[phase])
-            result.modules = measured["modules"]
+        seconds, measured = run_helper(helper, env)
+        result.helper_wall.append(seconds)
+        for phase in COLD_PHASES:
+            result.phases[phase].append(measured[phase])
+        result.modules = measured["modules"]
         if run < PROBE_RUNS:
             for label, command in probes:
                 result.probes[label].append(run_timed(command, env)[0])
-        log(f"cold run {run + 1}/{runs}: ts2 search {result.wall[-1]:.2f} s")
+        log(f"cold run {run + 1}/{runs}: ts2 search {result.wall[-1]:.2f} s, torch {result.wall_torch[-1]:.2f} s")
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", *helper[1:], "0"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-X", "importtime", *helper[1:]], capture_output=True, text=True, env=env, check=True
     )
     result.importtime = parse_importtime(done.stderr)
     return result
@@ -659,11 +618,10 @@ def default_candidates(args: argparse.Namespace) -> int:
 
 def print_report(args: argparse.Namespace, run: RunResult) -> None:
     default = default_candidates(args)
-    text, text_other = run.text_encoding, run.text_encoding_other_threads
+    text = run.text_encoding
     print(
         f"\n## Search benchmark: {args.videos} videos x {args.frames} frames x {args.dim}-d, {args.queries} query "
         f"vectors, {args.text_queries} query texts; {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-        f"torch threads {run.ts2_threads} as ts2 sets them ({run.default_threads} by default), "
         f"load average {run.load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n"
     )
     print(f"### Query latency after model load (ms, median / p90; {default} candidates)\n")
@@ -695,35 +653,29 @@ def print_report(args: argparse.Namespace, run: RunResult) -> None:
                 f"| {ms(t.rows)} | {ms(t.rank)} | {ms(t.brute_force)} | {r.ann_recall:.3f} | {r.recall:.3f} "
                 f"| {r.oracle_recall:.3f} | {r.min_recall:.1f} |"
             )
-    print("\n### torch threads (ms, median / p90, the same queries alternately)\n")
-    print(f"| step | {run.ts2_threads} (as ts2 sets them) | {run.other_threads} |")
-    print("|---|---:|---:|")
-    print(f"| text encoding | {ms(text)} | {ms(text_other)} |")
-    for kind, rows in run.results.items():
-        t = next(r for r in rows if r.candidates == default).times
-        print(f"| `rank()`, {kind}, {default} candidates | {ms(t.rank)} | {ms(t.rank_other_threads)} |")
-    if run.text_precision is not None:
-        tp = run.text_precision
-        print(f"\n### Text encoding precision (ms, median / p90, {len(tp.seconds)} texts, alternating)\n")
-        print(f"| {tp.dtype} (as ts2 runs it) | fp32 | lowest cosine between the two query vectors |")
-        print("|---:|---:|---:|")
-        print(f"| {ms(tp.seconds)} | {ms(tp.fp32_seconds)} | {tp.min_cosine:.6f} |")
+    if run.text_encoders:
+        print(f"\n### Text encoding (ms, median / p90, {len(run.text_encoders[0].seconds)} texts, taking turns)\n")
+        print("| encoder | time | lowest cosine to fp32 torch |")
+        print("|---|---:|---:|")
+        for timing in run.text_encoders:
+            print(f"| {timing.name} | {ms(timing.seconds)} | {timing.min_cosine:.6f} |")
     if run.cold is not None:
         print_cold(run.cold)
 
 
 def print_cold(cold: ColdResult) -> None:
     print(f"\n### Cold `ts2 search` (s, {len(cold.wall)} fresh processes)\n")
-    print(f"| phase | median | min | {cold.other_threads} torch threads: median | min |")
-    print("|---|---:|---:|---:|---:|")
+    print("| phase | median | min |")
+    print("|---|---:|---:|")
     for phase in COLD_PHASES:
-        print(f"| {phase} | {seconds_cell(cold.phases[phase])} | {seconds_cell(cold.phases_other_threads[phase])} |")
-    total = f"{seconds_cell(cold.helper_wall)} | {seconds_cell(cold.helper_wall_other_threads)}"
-    print(f"| **all of the above (one process)** | {total} |")
-    print(f"| **`ts2 search --json` wall time** | {seconds_cell(cold.wall)} | | |")
+        print(f"| {phase} | {seconds_cell(cold.phases[phase])} |")
+    print(f"| **all of the above (one process)** | {seconds_cell(cold.helper_wall)} |")
+    print(f"| **`ts2 search --json` wall time** | {seconds_cell(cold.wall)} |")
+    label = "`ts2 search --json --model ... --pretrained ...` (text tower through torch)"
+    print(f"| {label} | {seconds_cell(cold.wall_torch)} |")
     if cold.wall_without_bytecode:
         label = "`ts2 search --json`, no bytecode cache (PYTHONDONTWRITEBYTECODE=1)"
-        print(f"| {label} | {seconds_cell(cold.wall_without_bytecode)} | | |")
+        print(f"| {label} | {seconds_cell(cold.wall_without_bytecode)} |")
     print(f"\nHeavy modules loaded by a text search: {', '.join(cold.modules) or 'none'}.")
     print("\n### Import costs (s, wall time of a fresh `python -c`, start and exit included)\n")
     print("| code | median | min | median minus `python -c pass` |")
@@ -742,15 +694,8 @@ def print_cold(cold: ColdResult) -> None:
 @dataclass
 class RunResult:
     load_before: float
-    default_threads: int
-    """torch's own thread count in this process."""
-    ts2_threads: int = 0
-    """The thread count once ts2 has loaded a text model (what ``ts2 search`` runs with)."""
-    other_threads: int = 1
-    """The count compared with: torch's own when ts2 sets another, else one."""
     text_encoding: list[float] = field(default_factory=list)
-    text_encoding_other_threads: list[float] = field(default_factory=list)
-    text_precision: TextPrecision | None = None
+    text_encoders: list[TextEncoderTiming] = field(default_factory=list)
     results: dict[str, list[CandidateResult]] = field(default_factory=dict)
     cold: ColdResult | None = None
 
@@ -769,9 +714,7 @@ def library_params(args: argparse.Namespace, kind: Kind) -> DataParams:
     )
 
 
-def measure_library(
-    args: argparse.Namespace, params: DataParams, directory: Path, other_threads: int
-) -> list[CandidateResult]:
+def measure_library(args: argparse.Namespace, params: DataParams, directory: Path) -> list[CandidateResult]:
     with Library.open(directory) as library:
         eps = library_eps(library)
         queries = query_vectors(params, args.queries, args.query_noise)
@@ -780,8 +723,7 @@ def measure_library(
         library.knn(queries[0], 1)  # load the ANN index before timing
         results = []
         for k in args.candidates:
-            other = other_threads if k == default_candidates(args) else None
-            results.append(measure_candidates(library, truth, queries, k, eps, other_threads=other))
+            results.append(measure_candidates(library, truth, queries, k, eps))
             log(f"{params.kind}: {k} candidates measured")
         return results
 
@@ -806,7 +748,7 @@ def main() -> None:
     if args.videos < max(args.candidates):
         parser.error("--videos must be at least the largest --candidates")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    run = RunResult(load_before=os.getloadavg()[0], default_threads=torch.get_num_threads())
+    run = RunResult(load_before=os.getloadavg()[0])
 
     weights = ensure_weights(args.workdir)
     model = load_model(model_options(weights), text_only=True)
@@ -815,21 +757,23 @@ def main() -> None:
     libraries = {
         kind: ensure_library(args.workdir, library_params(args, kind), identity) for kind in ("clustered", "uniform")
     }
-    fp32_model = model
-    if use_model:  # load it as `ts2 search` does, which also settles the torch thread count and precision
+    if use_model:
+        # As `ts2 search` does: the first search loads the text tower with torch (bf16 on a CPU with native bf16)
+        # and exports it for the numpy encoder that later searches use.
         with Library.open(libraries["clustered"]) as library:
-            model = load_library_model(library, None, device="cpu", text_only=True)
-        run.text_precision = compare_text_precision(fp32_model, model, args.text_queries)
-    run.ts2_threads = torch.get_num_threads()
-    run.other_threads = run.default_threads if run.ts2_threads != run.default_threads else 1
-    run.text_encoding, run.text_encoding_other_threads = text_encoding_times(
-        model, args.text_queries, run.other_threads
-    )
+            torch_model = load_library_model(library, None, device="cpu", text_only=True)
+            numpy_model = load_text_encoder(library)
+        assert numpy_model is not None, "the library did not get a text encoder export"
+        encoders = {"numpy, float16 weights (ts2 search)": numpy_model}
+        torch_name = f"torch, {str(torch_model.dtype or torch.float32).removeprefix('torch.')}, 1 thread"
+        encoders |= {torch_name: torch_model, "torch, float32 (reference)": model}
+        run.text_encoders = compare_text_encoders(encoders, args.text_queries)
+        run.text_encoding = run.text_encoders[0].seconds
     for kind, directory in libraries.items():
-        run.results[kind] = measure_library(args, library_params(args, kind), directory, run.other_threads)
+        run.results[kind] = measure_library(args, library_params(args, kind), directory)
     if args.cold_runs > 0 and use_model:
         query = sentences(1)[0]
-        run.cold = measure_cold(libraries["clustered"], query, args.cold_runs, args.workdir, run.other_threads)
+        run.cold = measure_cold(libraries["clustered"], query, args.cold_runs, args.workdir, weights)
     print_report(args, run)
     if args.json:
         data = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **asdict(run)}

@@ -204,6 +204,10 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["unchanged"] >= done_before and summary["indexed"] + summary["unchanged"] == 24
+    pipeline = summary["pipeline"]  # the documented --json fields (docs/cli.md)
+    assert pipeline["videos"] == summary["indexed"] and pipeline["batch_size"] == 1
+    assert pipeline["dtype"] in {"float32", "bfloat16"} and pipeline["bottleneck"] in {"model", "decode"}
+    assert set(pipeline["shares"]) == {"model_idle", "decode_idle"}
     with Library.open(library) as lib:
         stats = lib.stats()
         assert stats.videos_ok == 24 and not stats.failures

@@ -12,7 +12,7 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 
 from ts2cli.errors import LibraryError, Ts2Error
-from ts2cli.indexer import IndexOptions, index_folders
+from ts2cli.indexer import IndexOptions, global_vector, index_folders
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.query import load_library_model, text_query, video_query
 from ts2cli.search import SearchOptions, matching_moment, rank, score_videos
@@ -41,6 +41,7 @@ def built(tmp_path_factory, tiny_files):
         write_video(folder / f"clip {i}.mp4", seconds=2 + i % 3, fps=8, width=64, height=48, texture=True, seed=i)
     options = ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=str(tiny_files / "tiny.pt"), device="cpu")
     model = load_model(options)
+    model.precision_known = True  # fp32: a copy embedded later must get the same features (no timing-based bf16)
     with Library.open(root / "lib", write=True, create=True) as lib:
         summary = index_folders(lib, model, IndexOptions(roots=[root / "videos"]))
     assert summary.indexed == 14
@@ -133,9 +134,14 @@ def test_query_by_example_video(built, tmp_path):
         outside = tmp_path / "outside.mp4"
         write_video(outside, seconds=3, fps=8, width=64, height=48, texture=True, seed=7)
         full_model = load_library_model(lib, None, device="cpu", text_only=False)
+        full_model.precision_known = True  # fp32, as the library was built
         vector, none_id = video_query(lib, full_model, outside)
         assert none_id is None
-        assert rank(lib, vector, SearchOptions(limit=1))[0].path.endswith("clip 7.mp4")
+        # sampled and embedded as the indexer did: the original's stored vector, up to its float16 storage
+        original = lib.get_by_path(str(example.resolve()))
+        np.testing.assert_allclose(vector, global_vector(lib.frame_features([original.id])[original.id]), atol=1e-4)
+        # the tiny random model scores every video within 1e-4 of the others: near the top is all it can show
+        assert original.id in [h.video_id for h in rank(lib, vector, SearchOptions(limit=3))]
     assert text_model.net.clip.visual is None
 
 

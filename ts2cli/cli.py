@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+
+# numpy's OpenBLAS spreads even the 9-row products of a text query over every core, and on a busy machine its
+# threads wait on each other: on the 2-core test machine a query took about 1 s with two threads and 75 ms with
+# one (benchmarks/search_bench.py). Set before numpy is first imported; a user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 from rich.console import Console
@@ -23,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, highlight=False)
-_state = {"debug": False}
+_state = {"debug": False, "fast_exit": False}
 
 LibraryDir = Annotated[
     Path | None,
@@ -198,12 +204,12 @@ def search_command(
         chosen = None
         if model or pretrained or checkpoint:
             chosen = model_options(model or "ViT-B-32", pretrained or "openai", checkpoint, device, "fixed")
-        query_text, vector, exclude, notes, loaded = _query_vector(lib, query, like, chosen, device)
+        query_text, vector, exclude, notes, identity = _query_vector(lib, query, like, chosen, device)
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     if as_json:
-        print_json(search_json(query_text, loaded.identity, hits))
+        print_json(search_json(query_text, identity, hits))
     elif paths:
         sys.stdout.write("".join(f"{hit.path}\n" for hit in hits))
     else:
@@ -212,20 +218,25 @@ def search_command(
         from .player import open_at
 
         open_at(Path(hits[0].path), hits[0].moment.start)
+    _state["fast_exit"] = True  # read-only and done: nothing is left for the interpreter's teardown to finish
 
 
 def _query_vector(lib, query, like, chosen, device):
     from .query import load_library_model, text_query, video_query
+    from .text_encoder import load_text_encoder
 
     if query is not None:
-        loaded = load_library_model(lib, chosen, device=device, text_only=True)
-        vector, notes = text_query(loaded, query)
-        return query, vector, None, notes, loaded
+        # The library's numpy copy of its text tower answers without importing torch; a model given on the
+        # command line (or a library without the copy) goes through torch.
+        encoder = load_text_encoder(lib) if chosen is None and device in ("auto", "cpu") else None
+        model = encoder or load_library_model(lib, chosen, device=device, text_only=True)
+        vector, notes = text_query(model, query)
+        return query, vector, None, notes, model.identity
     row = lib.get_by_path(str(Path(like).expanduser().resolve())) if Path(like).expanduser().is_file() else None
     indexed = row is not None and row.status == "ok"
     loaded = load_library_model(lib, chosen, device=device, text_only=indexed)
     vector, exclude = video_query(lib, None if indexed else loaded, Path(like))
-    return f"like:{like}", vector, exclude, [], loaded
+    return f"like:{like}", vector, exclude, [], loaded.identity
 
 
 app.add_typer(eval_app, name="eval")
@@ -235,6 +246,10 @@ app.add_typer(train_app, name="train")
 def main() -> None:
     try:
         app()
+    except SystemExit as done:
+        if _state["fast_exit"] and done.code in (None, 0):
+            _exit_now()
+        raise
     except Ts2Error as error:
         if _state["debug"]:
             raise
@@ -243,3 +258,11 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("Interrupted; finished work is kept, run the command again to resume.")
         sys.exit(130)
+
+
+def _exit_now() -> None:
+    """End the process without the interpreter's teardown, which takes about a second once torch is imported
+    (finalising its modules); only for a command that has closed its files and printed everything."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -13,6 +13,7 @@ are decoded ahead, and at most ``model_workers`` batches are in the model (on th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -21,13 +22,15 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .decode import SampledVideo, sample_frames
-from .errors import Ts2Error
+from . import decode as decoding
+from . import text_encoder
+from .decode import SampledVideo, failure_reason, sample_frames
 from .model import LoadedModel
 from .scan import check_roots, fingerprint, scan_videos
 from .store import Library
@@ -90,6 +93,8 @@ class PipelineStats:
     torch_threads: int = 0
     """torch threads per model worker."""
     batch_size: int = 0
+    dtype: str = "float32"
+    """The precision the model ran in (see ``LoadedModel.dtype``), known after the first batch."""
     videos: int = 0
     """Videos decoded (successfully or not)."""
     batches: int = 0
@@ -136,6 +141,7 @@ class PipelineStats:
             "model_workers": self.model_workers,
             "torch_threads": self.torch_threads,
             "batch_size": self.batch_size,
+            "dtype": self.dtype,
             "videos": self.videos,
             "batches": self.batches,
             "frames": self.frames,
@@ -232,6 +238,8 @@ def index_folders(
     progress = progress or Progress()
     roots = check_roots(options.roots)
     library.check_model(model.identity, rebuild=options.rebuild)
+    if not text_encoder.is_current(library):
+        text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
     summary = IndexSummary()
     library.begin_scan(roots)
     todo = list(_plan(library, scan_videos(roots, options.exclude, options.include_hidden), options, summary))
@@ -357,6 +365,7 @@ def _embed_all(
                 _store_batch(library, done, summary, progress)
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
+        stats.dtype = str(model.dtype or torch.float32).removeprefix("torch.")
         stats.wall_seconds = time.perf_counter() - started
         stats.cpu_seconds = time.process_time() - cpu_started
 
@@ -486,42 +495,31 @@ def decode_ahead(
     the decoders run ahead while the model works on a batch: two batches' worth keeps the next batch ready.
     """
     stats = stats if stats is not None else PipelineStats()
-    frames, size = model.config.frames, model.image_size
-    ahead = max(window, workers)
-    queue: deque[tuple[_Work, Future[_Decoded]]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ts2-decode") as pool:
-        try:
-            for work in todo:
-                queue.append((work, pool.submit(_decode, work.path, frames, size)))
-                if len(queue) >= ahead:
-                    yield _collect(queue, stats)
-            while queue:
-                yield _collect(queue, stats)
-        finally:
-            for _, future in queue:
-                future.cancel()
+    sample = partial(_decode, frames=model.config.frames, size=model.image_size)
+    with contextlib.closing(decoding.decode_ahead(todo, sample, workers, window)) as decoded:
+        while True:
+            began = time.perf_counter()
+            outcome = next(decoded, None)
+            stats.wait_decode_seconds += time.perf_counter() - began
+            if outcome is None:
+                return
+            work, result = outcome
+            stats.videos += 1
+            if isinstance(result, str):  # _decode never raises; kept for the type
+                yield work, result
+            else:
+                stats.decode_seconds += result.seconds
+                yield work, result.result
 
 
-def _decode(path: Path, frames: int, size: int) -> _Decoded:
+def _decode(work: _Work, *, frames: int, size: int) -> _Decoded:
     """Runs in a decode worker: never raises, so a broken file can never abort the run."""
     started = time.perf_counter()
     try:
-        result: SampledVideo | str = sample_frames(path, frames, size, keyframe_snap=KEYFRAME_SNAP)
-    except Ts2Error as error:
-        result = str(error)
-    except Exception as error:
-        result = f"could not decode: {type(error).__name__}: {error}".splitlines()[0]
+        result: SampledVideo | str = sample_frames(work.path, frames, size, keyframe_snap=KEYFRAME_SNAP)
+    except Exception as error:  # reported and skipped: a broken file never aborts the run
+        result = failure_reason(error)
     return _Decoded(result, time.perf_counter() - started)
-
-
-def _collect(queue: deque[tuple[_Work, Future[_Decoded]]], stats: PipelineStats) -> tuple[_Work, SampledVideo | str]:
-    work, future = queue.popleft()
-    started = time.perf_counter()
-    decoded = future.result()
-    stats.wait_decode_seconds += time.perf_counter() - started
-    stats.decode_seconds += decoded.seconds
-    stats.videos += 1
-    return work, decoded.result
 
 
 def _record_failure(

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from .errors import LibraryError, Ts2Error
-from .model import LoadedModel, ModelOptions, load_model
-from .model.loading import options_from_source
 from .store import MODEL_SOURCE_KEY, Library, same_model
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
+    from .model import LoadedModel, ModelOptions
+
+
+class TextModel(Protocol):
+    """What encodes a query: the torch model (``LoadedModel``) or the library's numpy copy (``TextEncoder``)."""
+
+    @property
+    def words(self) -> int: ...
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]: ...
 
 
 def load_library_model(
     library: Library, options: ModelOptions | None, *, device: str = "auto", text_only: bool = True
 ) -> LoadedModel:
     """The library's own model (from its recorded source), or ``options`` if given and the same model."""
+    import torch
+
+    from .model import load_model
+    from .model.loading import options_from_source
+
     stored = library.model_config()
     if stored is None:
         raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
@@ -36,6 +50,9 @@ def load_library_model(
             "search it with that model, or re-index with `ts2 index --rebuild`."
         )
     if text_only:
+        from .text_encoder import save_text_encoder
+
+        save_text_encoder(library, model)  # the next text search can then answer without torch
         model.reduce_text_precision()
     return model
 
@@ -45,12 +62,12 @@ def describe(identity: dict[str, Any]) -> str:
     return f"{identity.get('backbone')} {weights}, {identity.get('mode')}, {identity.get('frames')} frames"
 
 
-def text_query(model: LoadedModel, text: str) -> tuple[np.ndarray, list[str]]:
+def text_query(model: TextModel, text: str) -> tuple[np.ndarray, list[str]]:
     """Query vector for a description, and notes for the user (e.g. truncation)."""
     if not text.strip():
         raise Ts2Error('The query is empty; describe what happens, e.g. ts2 search "dog catching a frisbee".')
     vectors, truncated = model.encode_texts([text])
-    words = model.config.words - 2
+    words = model.words - 2
     notes = [f"The query was cut to its first {words} tokens, as much as the model reads."] if truncated[0] else []
     return vectors[0], notes
 

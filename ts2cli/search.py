@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import Ts2Error
-from .model.similarity import frame_weighted_similarity
 from .store import Library, VideoRow
 
 
@@ -75,7 +73,7 @@ def rank(
     ids = _candidate_ids(library, query, options, exclude)
     if not ids:
         return []
-    # The stored float16 values, cast once for the whole batch below (numpy's per-array cast took 2-3× longer).
+    # The stored float16 values, cast once into the scoring batch (a cast per array took 2-3× longer).
     features = library.frame_features(ids, dtype=np.float16)
     ids = [i for i in ids if i in features]  # a concurrent index may have removed some
     scores, weights = score_videos(query, [features[i] for i in ids], eps=eps)
@@ -111,25 +109,44 @@ def _candidate_ids(library: Library, query: np.ndarray, options: SearchOptions, 
     return [i for i in ids if i != exclude]
 
 
+MASKED_WEIGHT = -1e18
+WEIGHT_TEMPERATURE = 4.0
+
+
 def score_videos(
     query: np.ndarray, videos: list[np.ndarray], *, eps: float | None = 1e-12
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact TS2 scores (n,) and frame weights (n, T) of one query against videos of up to T frames each
-    (float16 or float32 arrays; scored in float32)."""
+    (float16 or float32 arrays; scored in float32).
+
+    The model's ``frame_weighted_similarity`` for one text, in numpy so that a search needs no torch (tests
+    compare the two): per-frame cosines, weights ``softmax(4 · cos / ‖cos‖)`` over the video's frames, score
+    = weighted mean of the cosines.
+    """
     frames = max(v.shape[0] for v in videos)
-    dim = videos[0].shape[1]
-    padded = np.zeros((len(videos), frames, dim), dtype=np.result_type(*{v.dtype for v in videos}))
-    mask = np.zeros((len(videos), frames), dtype=np.int64)
+    padded = np.zeros((len(videos), frames, videos[0].shape[1]), dtype=np.float32)
+    valid = np.zeros((len(videos), frames), dtype=bool)
     for i, video in enumerate(videos):
         padded[i, : len(video)] = video
-        mask[i, : len(video)] = 1
-    scores, weights = frame_weighted_similarity(
-        torch.from_numpy(np.asarray(query, dtype=np.float32)[None]),
-        torch.from_numpy(padded).float(),
-        torch.from_numpy(mask),
-        eps=eps,
-    )
-    return scores[0].numpy(), weights[0].numpy()
+        valid[i, : len(video)] = True
+    query = np.asarray(query, dtype=np.float32)
+    norms = np.sqrt(np.einsum("vfd,vfd->vf", padded, padded))  # 5× faster than np.linalg.norm here
+    cosines = (padded @ _unit(query, eps)) / _norm_floor(norms, eps)
+    cosines[~valid] = 0.0  # padding: no frame there
+    spread = _norm_floor(np.linalg.norm(cosines, axis=1, keepdims=True), eps)
+    logits = np.where(valid, WEIGHT_TEMPERATURE * cosines / spread, MASKED_WEIGHT)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    return (weights * cosines).sum(axis=1), weights
+
+
+def _unit(vector: np.ndarray, eps: float | None) -> np.ndarray:
+    return vector / _norm_floor(np.linalg.norm(vector), eps)
+
+
+def _norm_floor(norm: np.ndarray, eps: float | None) -> np.ndarray:
+    """F.normalize's ``max(‖x‖, eps)``; without eps (official mode) only padding's zero norm is kept off zero."""
+    return np.maximum(norm, eps) if eps is not None else np.where(norm > 0, norm, 1.0)
 
 
 def _hit(row: VideoRow, score: float, weights: np.ndarray) -> Hit:

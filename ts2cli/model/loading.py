@@ -111,6 +111,11 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.net.image_size
 
+    @property
+    def words(self) -> int:
+        """Token positions a text is cut or padded to."""
+        return self.config.words
+
     def _autocast(self) -> torch.autocast:
         enabled = self.dtype is not None and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=enabled)

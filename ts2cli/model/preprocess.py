@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
 
+from ..tokenizer import encode
 from .config import Compat
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@cache
-def _tokenizer(context_length: int):
-    from .text_tower import simple_tokenizer_class
-
-    return simple_tokenizer_class()(context_length=context_length)
 
 
 @dataclass(frozen=True)
@@ -31,9 +24,8 @@ class Tokens:
 
 def tokenize(texts: list[str], words: int = 32) -> Tokens:
     """The OpenAI CLIP BPE at ``words`` tokens; longer texts keep their first ``words - 2`` content tokens."""
-    tokenizer = _tokenizer(words)
-    truncated = [len(tokenizer.encode(text)) > words - 2 for text in texts]
-    return Tokens(ids=tokenizer(texts), truncated=truncated)
+    encoded = encode(texts, words)
+    return Tokens(ids=torch.from_numpy(encoded.ids), truncated=encoded.truncated)
 
 
 @dataclass(frozen=True)

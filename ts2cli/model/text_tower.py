@@ -7,12 +7,8 @@ module and parameter names here equal open_clip's, so the same state dict keys l
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import OrderedDict
 from collections.abc import Mapping
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,25 +99,3 @@ class TextTower(nn.Module):
 def build_text_tower(cfg: Mapping[str, Any]) -> TextTower:
     with torch.device("meta"):
         return TextTower(cfg)
-
-
-@cache
-def simple_tokenizer_class() -> type:
-    """open_clip's ``SimpleTokenizer`` without running ``open_clip/__init__`` (which imports the model zoo).
-
-    The tokenizer module imports nothing from its package, so it is loaded from its file directly; the BPE
-    vocabulary is found next to it as usual. If open_clip is already imported, its own module is used.
-    """
-    loaded = sys.modules.get("open_clip.tokenizer")
-    if loaded is not None:
-        return loaded.SimpleTokenizer
-    package = importlib.util.find_spec("open_clip")
-    if package is None or package.origin is None:
-        raise ImportError("open_clip is not installed")
-    spec = importlib.util.spec_from_file_location(
-        "ts2cli._clip_tokenizer", Path(package.origin).parent / "tokenizer.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer

@@ -1,0 +1,151 @@
+"""The torch-free query path: CLIP's tokenizer without torch, the library's numpy copy of its text tower, numpy
+re-ranking, and a `ts2 search` that never imports torch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY_CLIP, tiny_net
+
+from ts2cli import text_encoder
+from ts2cli.indexer import IndexOptions, index_folders
+from ts2cli.model import ModelOptions, frame_weighted_similarity, load_model
+from ts2cli.query import text_query
+from ts2cli.search import score_videos
+from ts2cli.store import Library
+from ts2cli.tokenizer import encode
+
+MSRVTT_CSV = Path(__file__).resolve().parents[2] / "shared" / "msrvtt" / "MSRVTT_JSFUSION_test.csv"
+TEXTS = [
+    "a dog catches a frisbee",
+    "Two people DANCE in a kitchen!!  ",
+    "café — naïve résumé, 42 times",
+    "a very long description of everything that happens " * 4,
+    "",
+]
+
+
+def captions() -> list[str]:
+    if not MSRVTT_CSV.is_file():
+        return TEXTS
+    with MSRVTT_CSV.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return TEXTS + [row["sentence"] for row in rows[:300]]
+
+
+def test_tokenizer_matches_open_clip_and_needs_no_torch():
+    import open_clip
+
+    texts = captions()
+    ours = encode(texts, 32)
+    reference = open_clip.tokenizer.SimpleTokenizer(context_length=32)(texts).numpy()
+    assert np.array_equal(ours.ids, reference)
+    assert ours.truncated[3] and not ours.truncated[0]
+    probe = "import sys; from ts2cli.tokenizer import encode; encode(['a dog'], 32); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_numpy_scores_equal_the_model_similarity():
+    """Each video against the model's function on that video alone: with padding, the official formula (eps=None)
+    would give NaN for every shorter video of a batch; the search scores must not depend on batch-mates."""
+    rng = np.random.default_rng(0)
+    videos = [rng.normal(size=(n, 16)).astype(np.float32) for n in (1, 3, 12, 7, 12)]
+    query = rng.normal(size=16).astype(np.float32)
+    for eps in (1e-12, None):
+        scores, weights = score_videos(query, videos, eps=eps)
+        for i, video in enumerate(videos):
+            expected, expected_weights = frame_weighted_similarity(
+                torch.from_numpy(query[None]), torch.from_numpy(video[None]), torch.ones(1, len(video)), eps=eps
+            )
+            np.testing.assert_allclose(scores[i], expected[0, 0].item(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(weights[i, : len(video)], expected_weights[0, 0].numpy(), rtol=1e-5, atol=1e-6)
+            assert np.all(weights[i, len(video) :] == 0)
+    half = score_videos(query, [v.astype(np.float16) for v in videos])[0]
+    np.testing.assert_allclose(half, score_videos(query, [v.astype(np.float16).astype(np.float32) for v in videos])[0])
+
+
+@pytest.fixture
+def indexed(tmp_path):
+    """A library indexed with a tiny CLIP whose weights come from a local file, as a user's would."""
+    from conftest import write_video
+
+    (tmp_path / "videos").mkdir()
+    for i in range(4):
+        write_video(tmp_path / "videos" / f"v{i}.mp4", seconds=2, fps=6, width=48, height=32, texture=True, seed=i)
+    weights = tmp_path / "tiny.pt"
+    torch.save({k.removeprefix("clip."): v for k, v in tiny_net(zero_shot=True, seed=3).state_dict().items()}, weights)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    options = ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=str(weights), device="cpu", frames=4)
+    with Library.open(tmp_path / "lib", write=True, create=True) as lib:
+        index_folders(lib, load_model(options), IndexOptions(roots=[tmp_path / "videos"]))
+    return tmp_path, options
+
+
+def test_index_exports_a_text_encoder_that_gives_the_torch_query_vectors(indexed):
+    root, options = indexed
+    with Library.open(root / "lib") as lib:
+        assert text_encoder.is_current(lib)
+        encoder = text_encoder.load_text_encoder(lib)
+        assert encoder is not None and encoder.identity == lib.model_config()
+    model = load_model(options, text_only=True)  # fp32 torch reference
+    texts = captions()[:40]
+    ours, truncated = encoder.encode_texts(texts)
+    reference, reference_truncated = model.encode_texts(texts)
+    assert truncated == reference_truncated and ours.dtype == np.float32
+    cosine = (ours * reference).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(reference, axis=-1)
+    assert cosine.min() > 0.9999  # float16 weights
+    np.testing.assert_allclose(ours, reference, rtol=0.02, atol=2e-3)
+    vector, notes = text_query(encoder, "a very long description " * 10)
+    assert vector.shape == (model.embed_dim,) and "first 30 tokens" in notes[0]
+
+
+def test_an_export_for_another_model_is_not_used(indexed):
+    root, _ = indexed
+    path = root / "lib" / text_encoder.FILE_NAME
+    from safetensors.numpy import load_file, safe_open, save_file
+
+    with safe_open(str(path), framework="np") as handle:
+        meta = handle.metadata()
+    identity = json.loads(meta["identity"]) | {"frames": 12}
+    save_file(load_file(str(path)), str(path), metadata=meta | {"identity": json.dumps(identity)})
+    with Library.open(root / "lib") as lib:
+        assert text_encoder.load_text_encoder(lib) is None and not text_encoder.is_current(lib)
+    path.write_bytes(b"not a safetensors file")
+    with Library.open(root / "lib") as lib:
+        assert text_encoder.load_text_encoder(lib) is None
+
+
+SEARCH_AND_REPORT = """
+import json, sys
+from ts2cli.cli import app
+app(sys.argv[1:], standalone_mode=False)
+print(json.dumps({"torch": "torch" in sys.modules}))
+"""
+
+
+def run_search(library: Path, *extra: str) -> tuple[dict, bool]:
+    args = ["search", "a dog", "--library", str(library), "--json", "--limit", "4", *extra]
+    result = subprocess.run([sys.executable, "-c", SEARCH_AND_REPORT, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    output, imported = result.stdout.strip().rsplit("\n", 1)
+    return json.loads(output), json.loads(imported)["torch"]
+
+
+def test_text_search_runs_without_torch_and_ranks_as_the_torch_path(indexed):
+    root, _ = indexed
+    library = root / "lib"
+    fast, torch_loaded = run_search(library)
+    assert not torch_loaded and len(fast["results"]) == 4
+    (library / text_encoder.FILE_NAME).unlink()
+    slow, torch_loaded = run_search(library, "--device", "cpu")
+    assert torch_loaded and (library / text_encoder.FILE_NAME).is_file()  # rewritten for the next search
+    assert [r["path"] for r in fast["results"]] == [r["path"] for r in slow["results"]]
+    assert fast["model"] == slow["model"]
+    np.testing.assert_allclose([r["score"] for r in fast["results"]], [r["score"] for r in slow["results"]], atol=2e-3)

@@ -1,0 +1,166 @@
+"""The library's text encoder in numpy, so that ``ts2 search`` answers without importing torch.
+
+Importing torch takes 2-4 s on the test machine, more than everything else a text search does. The library
+therefore keeps a copy of its model's text tower (``text-encoder.safetensors``, float16, written by ``ts2 index``
+and by the first search that loads the model with torch) and ``ts2 search`` runs it here: CLIP's causal
+transformer over the query's tokens, the EOT token's features, the text projection. Only OpenAI-style text towers
+with QuickGELU are exported (what TS2-Net is built on); any other model is searched through torch as before.
+
+The copy is used only when the identity it records equals the library's model, so it can never answer for
+another model; tests check that its query vectors match the torch model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import DB_FILE, Library, same_model
+from .tokenizer import encode
+
+FILE_NAME = "text-encoder.safetensors"
+FORMAT = "ts2-text/1"
+LAYER_NORM_EPS = 1e-5
+_TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """CLIP's text tower as float32 arrays; ``encode_texts`` gives the query vectors the torch model would."""
+
+    weights: dict[str, np.ndarray]
+    heads: int
+    layers: int
+    words: int
+    identity: dict[str, Any]
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """(B, D) float32 text features and, per text, whether it was cut to the context length."""
+        tokens = encode(texts, self.words)
+        ids = tokens.ids
+        eot = ids.argmax(axis=1)
+        length = int(eot.max()) + 1  # the causal mask makes later positions irrelevant (as in TS2Net.encode_text)
+        w = self.weights
+        x = w["token_embedding.weight"][ids[:, :length]].astype(np.float32) + w["positional_embedding"][:length]
+        mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
+        for layer in range(self.layers):
+            x = self._block(x, f"transformer.resblocks.{layer}.", mask)
+        x = _layer_norm(x[np.arange(len(ids)), eot], w["ln_final.weight"], w["ln_final.bias"])
+        return x @ w["text_projection"], tokens.truncated
+
+    def _block(self, x: np.ndarray, prefix: str, mask: np.ndarray) -> np.ndarray:
+        w = self.weights
+        batch, length, width = x.shape
+        head = width // self.heads
+        y = _layer_norm(x, w[prefix + "ln_1.weight"], w[prefix + "ln_1.bias"])
+        qkv = y @ w[prefix + "attn.in_proj_weight"].T + w[prefix + "attn.in_proj_bias"]
+        q, k, v = (part.reshape(batch, length, self.heads, head).transpose(0, 2, 1, 3) for part in np.split(qkv, 3, -1))
+        scores = q @ k.transpose(0, 1, 3, 2) * head**-0.5 + mask
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        attended = (scores / scores.sum(-1, keepdims=True)) @ v
+        attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, width)
+        x = x + attended @ w[prefix + "attn.out_proj.weight"].T + w[prefix + "attn.out_proj.bias"]
+        y = _layer_norm(x, w[prefix + "ln_2.weight"], w[prefix + "ln_2.bias"])
+        y = y @ w[prefix + "mlp.c_fc.weight"].T + w[prefix + "mlp.c_fc.bias"]
+        y = y / (1.0 + np.exp(-1.702 * y))  # QuickGELU: y · sigmoid(1.702 y)
+        return x + y @ w[prefix + "mlp.c_proj.weight"].T + w[prefix + "mlp.c_proj.bias"]
+
+
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    centred = x - mean
+    variance = (centred * centred).mean(-1, keepdims=True)
+    return centred / np.sqrt(variance + LAYER_NORM_EPS) * weight + bias
+
+
+def path_for(library: Library) -> Path:
+    return library.directory / FILE_NAME
+
+
+def load_text_encoder(library: Library) -> TextEncoder | None:
+    """The library's exported text encoder, or None when there is none for the library's current model."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    meta = _current_metadata(library)
+    if meta is None:
+        return None
+    try:
+        # The token table stays float16: a query reads a few of its rows.
+        arrays = load_file(str(path_for(library)))
+        weights = {k: v if k.startswith("token_") else v.astype(np.float32) for k, v in arrays.items()}
+        identity = json.loads(meta["identity"])
+        return TextEncoder(weights, int(meta["heads"]), int(meta["layers"]), int(meta["words"]), identity)
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return None  # unreadable or from another ts2: the torch path answers, and rewrites it
+
+
+def is_current(library: Library) -> bool:
+    """Whether the library holds an exported text encoder for its current model."""
+    return _current_metadata(library) is not None
+
+
+def _current_metadata(library: Library) -> dict[str, str] | None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import safe_open
+
+    path, stored = path_for(library), library.model_config()
+    if stored is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            meta = handle.metadata() or {}
+        current = meta.get("format") == FORMAT and same_model(json.loads(meta["identity"]), stored)
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return None
+    return meta if current else None
+
+
+def exportable(loaded: Any) -> bool:
+    """Whether ``loaded`` (a ``LoadedModel``) has a text tower this module reproduces."""
+    from .model import text_tower
+
+    cfg = loaded.config.backbone_cfg or {}
+    return bool(loaded.config.quick_gelu) and text_tower.supports(cfg)
+
+
+def save_text_encoder(library: Library, loaded: Any) -> bool:
+    """Write the text tower of ``loaded`` (fp32 weights, before any bf16 cast) for torch-free searches; returns
+    whether it was written. Replaces the file atomically, so a search never reads half of it."""
+    from safetensors.numpy import save_file
+
+    if not exportable(loaded) or (loaded.dtype is not None and loaded.device.type == "cpu"):
+        return False
+    clip = loaded.net.clip
+    state = {
+        key: tensor.detach().float().cpu().numpy().astype(np.float16)
+        for key, tensor in clip.state_dict().items()
+        if key.startswith(_TEXT_PREFIXES)
+    }
+    text_cfg = (loaded.config.backbone_cfg or {}).get("text_cfg", {})
+    meta = {
+        "format": FORMAT,
+        "identity": json.dumps(loaded.identity, sort_keys=True),
+        "heads": str(text_cfg.get("heads", 8)),
+        "layers": str(text_cfg.get("layers", 12)),
+        "words": str(loaded.config.words),
+    }
+    path = path_for(library)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(temporary), metadata=meta)
+        # readable by whoever can read the library (safetensors creates files private to their owner)
+        os.chmod(temporary, (library.directory / DB_FILE).stat().st_mode & 0o666)
+        os.replace(temporary, path)
+    except OSError:
+        return False  # a read-only library still searches, through torch
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+    return True
