@@ -50,9 +50,10 @@ def load_library_model(
             "search it with that model, or re-index with `ts2 index --rebuild`."
         )
     if text_only:
-        from .text_encoder import save_text_encoder
+        from . import text_encoder
 
-        save_text_encoder(library, model)  # the next text search can then answer without torch
+        if not text_encoder.is_current(library):
+            text_encoder.save_text_encoder(library, model)  # the next text search can then answer without torch
         model.reduce_text_precision()
     return model
 
