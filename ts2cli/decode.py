@@ -579,10 +579,10 @@ def _outcome(item: T, future: Future[R]) -> tuple[T, R | str]:
     try:
         return item, future.result()
     except Exception as error:  # a broken file must never abort the run
-        return item, failure_reason(error)
+        return item, _failure_reason(error)
 
 
-def failure_reason(error: Exception) -> str:
+def _failure_reason(error: Exception) -> str:
     """What the user reads about a video that could not be decoded: ts2's own message, else FFmpeg's in one line."""
     if isinstance(error, Ts2Error):
         return str(error)

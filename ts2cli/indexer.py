@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import decode as decoding
 from . import text_encoder
-from .decode import SampledVideo, failure_reason, sample_frames
+from .decode import SampledVideo, decode_ahead, sample_frames
 from .model import LoadedModel
 from .scan import check_roots, fingerprint, scan_videos
 from .store import Library
@@ -341,7 +340,7 @@ def _embed_all(
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with _torch_threads(plan.torch_threads), _ModelRunner(model, plan.model_workers, stats) as runner:
-            for work, result in decode_ahead(todo, model, plan.workers, window, stats):
+            for work, result in sample_ahead(todo, model, plan.workers, window, stats):
                 if isinstance(result, str):
                     _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
                     progress.done(work.path, "failed")
@@ -479,24 +478,23 @@ def _torch_threads(count: int) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class _Decoded:
-    result: SampledVideo | str
-    """The frames, or a one-line reason the file could not be decoded."""
+class _Timed:
+    video: SampledVideo
     seconds: float
 
 
-def decode_ahead(
+def sample_ahead(
     todo: list[_Work], model: LoadedModel, workers: int, window: int, stats: PipelineStats | None = None
 ) -> Iterator[tuple[_Work, SampledVideo | str]]:
     """Decoded videos in ``todo`` order, with up to ``window`` decodes submitted ahead of the consumer;
-    failures come as one-line reasons instead of exceptions.
+    failures come as one-line reasons instead of exceptions (``decode.decode_ahead``), with time counted.
 
     The window bounds memory (each decoded video holds T frames at the model's input size) and is what lets
     the decoders run ahead while the model works on a batch: two batches' worth keeps the next batch ready.
     """
     stats = stats if stats is not None else PipelineStats()
-    sample = partial(_decode, frames=model.config.frames, size=model.image_size)
-    with contextlib.closing(decoding.decode_ahead(todo, sample, workers, window)) as decoded:
+    sample = partial(_timed_sample, frames=model.config.frames, size=model.image_size)
+    with contextlib.closing(decode_ahead(todo, sample, workers, window)) as decoded:
         while True:
             began = time.perf_counter()
             outcome = next(decoded, None)
@@ -505,21 +503,18 @@ def decode_ahead(
                 return
             work, result = outcome
             stats.videos += 1
-            if isinstance(result, str):  # _decode never raises; kept for the type
+            if isinstance(result, str):  # a failure: reported and skipped
                 yield work, result
             else:
                 stats.decode_seconds += result.seconds
-                yield work, result.result
+                yield work, result.video
 
 
-def _decode(work: _Work, *, frames: int, size: int) -> _Decoded:
-    """Runs in a decode worker: never raises, so a broken file can never abort the run."""
+def _timed_sample(work: _Work, *, frames: int, size: int) -> _Timed:
+    """Runs in a decode worker."""
     started = time.perf_counter()
-    try:
-        result: SampledVideo | str = sample_frames(work.path, frames, size, keyframe_snap=KEYFRAME_SNAP)
-    except Exception as error:  # reported and skipped: a broken file never aborts the run
-        result = failure_reason(error)
-    return _Decoded(result, time.perf_counter() - started)
+    video = sample_frames(work.path, frames, size, keyframe_snap=KEYFRAME_SNAP)
+    return _Timed(video, time.perf_counter() - started)
 
 
 def _record_failure(
