@@ -75,3 +75,22 @@ def test_text_only_model_is_bf16_on_a_native_bf16_cpu_and_agrees_with_fp32():
     reference, _ = full.encode_texts(queries)
     cosine = (low * reference).sum(-1) / np.linalg.norm(low, axis=-1) / np.linalg.norm(reference, axis=-1)
     assert low.dtype == np.float32 and cosine.min() >= BF16_MIN_COSINE
+
+
+def test_float32_precision_is_kept_whatever_the_cpu():
+    options = ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, frames=4, device="cpu", precision="float32")
+    loaded = load_model(options)
+    net = loaded.net
+    videos = [np.random.default_rng(i).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8) for i in range(2)]
+    loaded.encode_videos(videos)
+    assert loaded.dtype is None and loaded.net is net
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+
+
+def test_cli_rejects_an_unknown_precision():
+    from typer.testing import CliRunner
+
+    from ts2cli.cli import app
+
+    result = CliRunner().invoke(app, ["model", "--precision", "half", "--pretrained", "none"])
+    assert result.exit_code != 0 and "Unknown --precision 'half'" in str(result.exception)

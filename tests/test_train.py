@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ts2cli.cli import app
 from ts2cli.datasets import CaptionSet, load_caption_csv
 from ts2cli.errors import Ts2Error
+from ts2cli.evaluate import EvalOptions, evaluate, frame_sampler
 from ts2cli.model import LoadedModel, ModelOptions, load_model, read_checkpoint
 from ts2cli.model.preprocess import tokenize
 from ts2cli.synthetic import write_shapes_dataset
@@ -188,7 +189,19 @@ def test_short_run_learns(shapes, tmp_path):
     # The last checkpoint is a TS2-Net that `ts2 index --checkpoint` loads as such.
     loaded = load_model(ModelOptions(checkpoint=summary.checkpoint, device="cpu", frames=4))
     assert loaded.identity["mode"] == "ts2net" and loaded.config.provenance["epoch"] == 8
+    # The last epoch's evaluation scored the trained weights themselves (no copy taken at an earlier epoch).
+    pinned = load_model(ModelOptions(checkpoint=summary.checkpoint, device="cpu", frames=4, precision="float32"))
+    final = evaluate(pinned, shapes, EvalOptions(batch_size=4, workers=1), sampler=frame_sampler("fixed", 4, 32)[1])
+    assert final.metrics["t2v"] == summary.epochs[-1].metrics["t2v"]
     assert all((tmp_path / "run" / f"epoch-{n}.safetensors").is_file() for n in range(1, 9))
+
+
+def test_evaluation_between_epochs_cannot_swap_in_a_reduced_copy(shapes, tmp_path):
+    """On a CPU with native bf16 the first evaluation could otherwise settle the model's precision by replacing
+    ``loaded.net`` with a bf16 copy, which later epochs would not update."""
+    loaded = load_model(TINY, trainable=True)
+    trainer = Trainer(loaded, shapes, TrainOptions(out_dir=tmp_path / "run", epochs=1, batch_size=4))
+    assert loaded.precision_known and loaded.dtype is None and loaded.net is trainer.net
 
 
 def test_resume_continues_exactly(shapes, tmp_path):

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .cli_options import Checkpoint, Compat, Device, JsonFlag, ModelName, Pretrained
+from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
 
@@ -39,11 +39,16 @@ LibraryDir = Annotated[
 ]
 
 
-def model_options(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str):
+def model_options(
+    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, precision: str = "auto"
+):
     from .model import COMPAT_MODES, ModelOptions
+    from .model.loading import INFERENCE_PRECISIONS
 
     if compat not in COMPAT_MODES:
         raise Ts2Error(f"Unknown --compat '{compat}'; use fixed or official.")
+    if precision not in INFERENCE_PRECISIONS:
+        raise Ts2Error(f"Unknown --precision '{precision}'; use auto or float32.")
     backbone_cfg = None
     if model.endswith(".json"):
         from .model.backbone import read_model_config
@@ -57,6 +62,7 @@ def model_options(model: str, pretrained: str, checkpoint: Path | None, device: 
         device=device,
         compat=compat,  # type: ignore[arg-type]
         backbone_cfg=backbone_cfg,
+        precision=precision,  # type: ignore[arg-type]
     )
 
 
@@ -87,13 +93,14 @@ def model_command(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = "fixed",
+    precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """Load the model and describe it: backbone, weights, zero-shot or trained, compat mode, device."""
     from .model import load_model
     from .report import describe_model, model_table
 
-    loaded = load_model(model_options(model, pretrained, checkpoint, device, compat))
+    loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
     report = describe_model(loaded)
     if as_json:
         print_json(report)
@@ -120,6 +127,7 @@ def index_command(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = "fixed",
+    precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """Index the videos under FOLDERS: new and changed files are embedded, deleted ones removed."""
@@ -142,7 +150,7 @@ def index_command(
         commit_every=commit_every,
     )
     with Library.open(library, write=True, create=True, wait=wait) as lib:
-        loaded = load_model(model_options(model, pretrained, checkpoint, device, compat))
+        loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
         with IndexProgressBar(console, enabled=not as_json) as bar:
             summary = index_folders(lib, loaded, options, bar)
     if as_json:

@@ -32,4 +32,12 @@ Compat = Annotated[
         rich_help_panel="Model",
     ),
 ]
+InferencePrecision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (fp16 on CUDA; bf16 on CPUs where it is accurate and faster) or float32 (reproducible).",
+        rich_help_panel="Model",
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]

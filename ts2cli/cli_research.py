@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .cli_options import Checkpoint, Compat, Device, JsonFlag, ModelName, Pretrained
+from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
 from .errors import Ts2Error
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ def eval_msrvtt(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = "fixed",
+    precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """Score a model on MSR-VTT 1k-A (1000 captions, one video each), CLIP4Clip's folder layout."""
@@ -141,7 +142,7 @@ def eval_msrvtt(
         return load_msrvtt_test(data, allow_missing=allow_missing)
 
     options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
-    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames), options, as_json)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision), options, as_json)
 
 
 @eval_app.command("captions")
@@ -161,6 +162,7 @@ def eval_captions(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = "fixed",
+    precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """Score a model on your own captioned videos (a video may have several captions)."""
@@ -171,7 +173,7 @@ def eval_captions(
         return load_caption_csv(csv, videos, allow_missing=allow_missing)
 
     options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
-    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames), options, as_json)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision), options, as_json)
 
 
 def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, cache_dir: Path | None, no_cache: bool):
@@ -183,10 +185,10 @@ def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, ca
     return EvalOptions(batch_size=batch_size, workers=workers, ties=ties, dsl=dsl, cache_dir=cache)  # type: ignore[arg-type]
 
 
-def _model(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int):
+def _model(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int, precision: str):
     from .cli import model_options
 
-    options = model_options(model, pretrained, checkpoint, device, compat)
+    options = model_options(model, pretrained, checkpoint, device, compat, precision)
     weights = None if pretrained.lower() == "none" else options.pretrained
     return dataclasses.replace(options, pretrained=weights, frames=frames)
 
@@ -278,7 +280,7 @@ def train_msrvtt(
     if eval_test:
         check_msrvtt_dir(data)
         eval_set = load_msrvtt_test(data, allow_missing=allow_missing)
-    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames, "auto")
     _run_train(train_set, eval_set, f"MSR-VTT 9k ({data})", model_choice, _train_options(locals()), as_json)
 
 
@@ -317,7 +319,7 @@ def train_captions(
 
     train_set = load_caption_csv(csv, videos, allow_missing=allow_missing)
     eval_set = load_caption_csv(eval_csv, eval_videos, allow_missing=allow_missing) if eval_csv else None
-    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames, "auto")
     _run_train(train_set, eval_set, str(csv), model_choice, _train_options(locals()), as_json)
 
 

@@ -109,6 +109,7 @@ def _candidate_ids(library: Library, query: np.ndarray, options: SearchOptions, 
     return [i for i in ids if i != exclude]
 
 
+# The values of model/similarity.py (spec §6), repeated so that this module does not import torch.
 MASKED_WEIGHT = -1e18
 WEIGHT_TEMPERATURE = 4.0
 

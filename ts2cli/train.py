@@ -341,6 +341,9 @@ class Trainer:
         if options.clip_fp16:
             # Evaluation after an epoch must feed the fp16 weights fp16 activations too.
             loaded.dtype, loaded.precision_known = torch.float16, True
+        # Evaluation runs the weights being trained, in their own precision: never a bf16 copy taken at the
+        # first evaluation (``LoadedModel.choose_precision``), which later epochs would not update.
+        loaded.precision_known = True
         self.optimizer = BertAdam(param_groups(net, options.lr, options.clip_lr, options.weight_decay))
         self.schedule = WarmupCosine(self.total_steps, options.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)

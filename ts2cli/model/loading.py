@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .precision import cpu_has_native_bf16, cpu_reduced_net
 from .preprocess import PixelNorm, frames_to_tensor, pad_frames, tokenize
 from .ts2net import TS2Net
 
+InferencePrecision = Literal["auto", "float32"]
+INFERENCE_PRECISIONS: tuple[str, ...] = ("auto", "float32")
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -47,6 +50,9 @@ class ModelOptions:
     zero_shot_shift: bool = False
     weights_file: Path | None = None
     """The local file behind the ``pretrained`` tag, when known; spares a lookup in open_clip's registry."""
+    precision: InferencePrecision = "auto"
+    """"auto": fp16 autocast on CUDA, bf16 weights on CPUs where the first batch shows them accurate and faster;
+    "float32": always fp32 (features that do not depend on a timing, for reproducible research runs)."""
 
 
 def model_source(options: ModelOptions, config: TS2Config, weights_file: Path | None) -> dict[str, Any]:
@@ -200,8 +206,10 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
     net.eval().to(device)
     cuda = device.type == "cuda"
     identity = {**_identity(config, net), **weights, MODEL_SOURCE_KEY: model_source(options, config, weights_file)}
-    dtype = torch.float16 if cuda else None
-    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=cuda)
+    full = options.precision == "float32"
+    dtype = torch.float16 if cuda and not full else None
+    known = cuda or full
+    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=known)
 
 
 def _from_clip(
