@@ -147,6 +147,10 @@ def test_msrvtt_eval_and_feature_cache(msrvtt_dir, tiny_checkpoint, tmp_path):
     assert {"t2v_dsl", "v2t_dsl"} <= set(second.metrics)
     assert retrieval_report_equal(first.metrics["t2v"], evaluate(loaded, data, options).metrics["t2v"])
 
+    # A run pinned to float32 keeps its own features (an "auto" run may have run bf16 on this CPU).
+    pinned = load_model(ModelOptions(checkpoint=tiny_checkpoint, device="cpu", precision="float32"))
+    assert evaluate(pinned, data, options).cache == {"hits": 0, "decoded": MSRVTT_ROWS, "failed": 0}
+
     # A touched file is a new cache entry.
     stat = data.videos[0].stat()
     os.utime(data.videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

@@ -179,8 +179,10 @@ class FeatureCache:
         # Paths in the source move; the weights' fingerprints and the backbone config say what the model is.
         model = {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
         key = {"model": model, "backbone_cfg": source.get("backbone_cfg"), "sampling": sampling}
-        # Features from a GPU (fp16) and a CPU (fp32) differ slightly: keep them apart.
+        # Features from a GPU (fp16) and a CPU (fp32 or bf16) differ slightly, and so do runs pinned to float32
+        # and "auto" ones: keep them apart.
         key["device"] = loaded.device.type
+        key["precision"] = loaded.precision
         self.key = _digest(key)
         self.directory = Path(directory) / self.key[:16]
 

@@ -108,6 +108,8 @@ class LoadedModel:
     cast) where bf16 is native and proved accurate and faster (see ``precision``)."""
     precision_known: bool = False
     """False until the first video batch has settled ``dtype`` (see ``choose_precision``)."""
+    precision: InferencePrecision = "auto"
+    """What was asked for (``ModelOptions.precision``); ``dtype`` is what it came to."""
 
     @property
     def embed_dim(self) -> int:
@@ -209,7 +211,15 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
     full = options.precision == "float32"
     dtype = torch.float16 if cuda and not full else None
     known = cuda or full
-    return LoadedModel(net=net, config=config, device=device, identity=identity, dtype=dtype, precision_known=known)
+    return LoadedModel(
+        net=net,
+        config=config,
+        device=device,
+        identity=identity,
+        dtype=dtype,
+        precision_known=known,
+        precision=options.precision,
+    )
 
 
 def _from_clip(
