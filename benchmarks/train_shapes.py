@@ -112,8 +112,9 @@ def score(
     # compat "official" switches the top-k to perturbed; the frames still come from the uniform sampler the
     # model was trained on, and with every frame valid the official mask and padding rules change nothing.
     compat = "official" if selection == "perturbed" else "fixed"
-    loaded = load_model(ModelOptions(checkpoint=checkpoint, device="cpu", frames=frames, compat=compat))
-    loaded.precision_known = True  # fp32, as in training: no reduced-precision probe on the CPU
+    # fp32, as in training: no reduced-precision choice on the CPU
+    options = ModelOptions(checkpoint=checkpoint, device="cpu", frames=frames, compat=compat, precision="float32")
+    loaded = load_model(options)
     videos = encode_videos(loaded, test.videos, sampler)
     text, _ = encode_captions(loaded, test.captions)
     sim = similarity_matrix(loaded, text, videos)
