@@ -140,6 +140,7 @@ def exportable(loaded: Any) -> bool:
 def save_text_encoder(library: Library, loaded: Any) -> bool:
     """Write the text tower of ``loaded`` (fp32 weights, before any bf16 cast) for torch-free searches; returns
     whether it was written. Replaces the file atomically, so a search never reads half of it."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     if not exportable(loaded) or (loaded.dtype is not None and loaded.device.type == "cpu"):
@@ -165,8 +166,8 @@ def save_text_encoder(library: Library, loaded: Any) -> bool:
         # readable by whoever can read the library (safetensors creates files private to their owner)
         os.chmod(temporary, (library.directory / DB_FILE).stat().st_mode & 0o666)
         os.replace(temporary, path)
-    except OSError:
-        return False  # a read-only library still searches, through torch
+    except (OSError, SafetensorError):
+        return False  # a read-only or full disk: searches still work, through torch
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
