@@ -24,13 +24,7 @@ SHARED_MSRVTT = Path(__file__).resolve().parents[2] / "shared" / "msrvtt"
 MSRVTT_ROWS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and several times faster than on two when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- official sampling (spec §1.1–1.2) ---------------------------------------------------------------------------

@@ -36,13 +36,7 @@ from ts2cli.train import (
 TINY = ModelOptions(model="tiny", pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", frames=4)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and several times faster than on two when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

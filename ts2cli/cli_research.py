@@ -185,7 +185,9 @@ def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, ca
     return EvalOptions(batch_size=batch_size, workers=workers, ties=ties, dsl=dsl, cache_dir=cache)  # type: ignore[arg-type]
 
 
-def _model(model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int, precision: str):
+def _model(
+    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int, precision: str = "auto"
+):
     from .cli import model_options
 
     options = model_options(model, pretrained, checkpoint, device, compat, precision)
@@ -280,7 +282,7 @@ def train_msrvtt(
     if eval_test:
         check_msrvtt_dir(data)
         eval_set = load_msrvtt_test(data, allow_missing=allow_missing)
-    model_choice = _model(model, pretrained, checkpoint, device, compat, frames, "auto")
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
     _run_train(train_set, eval_set, f"MSR-VTT 9k ({data})", model_choice, _train_options(locals()), as_json)
 
 
@@ -319,7 +321,7 @@ def train_captions(
 
     train_set = load_caption_csv(csv, videos, allow_missing=allow_missing)
     eval_set = load_caption_csv(eval_csv, eval_videos, allow_missing=allow_missing) if eval_csv else None
-    model_choice = _model(model, pretrained, checkpoint, device, compat, frames, "auto")
+    model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
     _run_train(train_set, eval_set, str(csv), model_choice, _train_options(locals()), as_json)
 
 
