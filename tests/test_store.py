@@ -176,6 +176,19 @@ def test_put_get_round_trip(libdir: Path, rng: np.random.Generator) -> None:
         assert lib.find_by_fingerprint(f"fp:{path}", 101) == []
 
 
+def test_streamed_features_come_in_batches_and_skip_missing_ids(libdir: Path, rng: np.random.Generator) -> None:
+    with Library.open(libdir, write=True, create=True) as lib:
+        ids = [_put(lib, f"/v/{i}.mp4", rng, n_frames=2 + i % 3)[0] for i in range(7)]
+    with Library.open(libdir) as lib:
+        wanted = [*ids[::-1], 999]
+        batches = list(lib.stream_frame_features(wanted, 3))
+        expected = lib.frame_features(ids, dtype=np.float16)
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    streamed = {video_id: frames for batch in batches for video_id, frames in batch}
+    assert streamed.keys() == set(ids)
+    assert all(np.array_equal(streamed[i], expected[i]) and streamed[i].dtype == np.float16 for i in ids)
+
+
 def test_bad_features_write_nothing(libdir: Path, rng: np.random.Generator) -> None:
     frames, vector = _features(rng)
     common = {"size": 1, "mtime": 1.0, "fingerprint": "f", "duration": 1.0, "width": 1, "height": 1}

@@ -803,14 +803,28 @@ class Library:
         ``dtype=np.float16`` to get the stored values as they are (read-only) and cast elsewhere.
         """
         out: dict[int, np.ndarray] = {}
+        for batch in self.stream_frame_features(ids, _SQL_CHUNK):
+            out.update((video_id, frames.astype(dtype, copy=False)) for video_id, frames in batch)
+        return out
+
+    def stream_frame_features(self, ids: Sequence[int], batch: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """The stored float16 per-frame features (n_frames, dim, read-only) of ``ids``, ``batch`` videos at a time
+        as SQLite returns them (in no particular order; missing ids are absent), so that a caller can work on
+        one batch while the next is read. Consume it to the end: it holds a read snapshot until then."""
         with self._read_snapshot():
             for chunk in _chunks(list(ids)):
-                for video_id, global_bytes, blob in self._conn.execute(
+                rows = self._conn.execute(
                     f"SELECT video_id, length(global), frames FROM features WHERE video_id IN ({_marks(len(chunk))})",
                     chunk,
-                ):
-                    out[video_id] = _decode_frames(blob, global_bytes // 4, dtype)
-        return out
+                )
+                pending: list[tuple[int, np.ndarray]] = []
+                for video_id, global_bytes, blob in rows:
+                    pending.append((video_id, _decode_frames(blob, global_bytes // 4, np.float16)))
+                    if len(pending) == batch:
+                        yield pending
+                        pending = []
+                if pending:
+                    yield pending
 
     def iter_frame_features(self) -> Iterator[tuple[int, np.ndarray]]:
         """(id, (n_frames, dim) float32) for every indexed video, in id order, without loading all at once."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .row_split import shared_splitter
 from .store import DB_FILE, Library, same_model
 from .tokenizer import encode
 
@@ -49,41 +50,59 @@ class TextEncoder:
         w = self.weights
         x = w["token_embedding.weight"][ids[:, :length]].astype(np.float32) + w["positional_embedding"][:length]
         mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
-        for layer in range(self.layers):
+        for layer in range(self.layers - 1):
             x = self._block(x, f"transformer.resblocks.{layer}.", mask)
-        x = _layer_norm(x[np.arange(len(ids)), eot], w["ln_final.weight"], w["ln_final.bias"])
+        # Only the EOT token's output is used: the last block needs every token's keys and values, but the
+        # rest of its work (a quarter of the encoder's) only for that token.
+        x = self._block(x, f"transformer.resblocks.{self.layers - 1}.", mask, rows=eot)[:, 0]
+        x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
         return x @ w["text_projection"], tokens.truncated
 
-    def _block(self, x: np.ndarray, prefix: str, mask: np.ndarray) -> np.ndarray:
+    def _block(self, x: np.ndarray, prefix: str, mask: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """One residual attention block over (B, L, W); with ``rows`` (B,), only those positions' outputs (B, 1, W)."""
         w = self.weights
-        batch, length, width = x.shape
+        batch, _, width = x.shape
         head = width // self.heads
         y = _layer_norm(x, w[prefix + "ln_1.weight"], w[prefix + "ln_1.bias"])
-        qkv = _linear(y, w[prefix + "attn.in_proj_weight"], w[prefix + "attn.in_proj_bias"])
-        q, k, v = (part.reshape(batch, length, self.heads, head).transpose(0, 2, 1, 3) for part in np.split(qkv, 3, -1))
+        qkv = self._linear(y, prefix + "attn.in_proj_")
+        q, k, v = (part.reshape(batch, -1, self.heads, head).transpose(0, 2, 1, 3) for part in np.split(qkv, 3, -1))
+        if rows is not None:
+            picked = np.arange(batch), rows
+            x, q, mask = x[picked][:, None], q[picked[0], :, rows][:, :, None], mask[rows][:, None, None]
         scores = q @ k.transpose(0, 1, 3, 2) * head**-0.5 + mask
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         attended = (scores / scores.sum(-1, keepdims=True)) @ v
-        attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, width)
-        x = x + _linear(attended, w[prefix + "attn.out_proj.weight"], w[prefix + "attn.out_proj.bias"])
+        attended = attended.transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + self._linear(attended, prefix + "attn.out_proj.")
         y = _layer_norm(x, w[prefix + "ln_2.weight"], w[prefix + "ln_2.bias"])
-        y = _linear(y, w[prefix + "mlp.c_fc.weight"], w[prefix + "mlp.c_fc.bias"])
+        y = self._linear(y, prefix + "mlp.c_fc.")
         y = y / (1.0 + np.exp(-1.702 * y))  # QuickGELU: y · sigmoid(1.702 y)
-        return x + _linear(y, w[prefix + "mlp.c_proj.weight"], w[prefix + "mlp.c_proj.bias"])
+        return x + self._linear(y, prefix + "mlp.c_proj.")
 
+    def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
+        """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` in row blocks of the weight, one
+        per core (``ts2cli/row_split.py``): the time goes into reading the weight, which OpenBLAS streams 30%
+        faster this way round (benchmarks/search_bench.py, text encoding)."""
+        weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
+        columns = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+        out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
 
-def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T``: the time goes into reading the
-    weight, which OpenBLAS streams 30% faster this way round (benchmarks/search_bench.py, text encoding)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return (weight @ rows.T).T.reshape(*x.shape[:-1], weight.shape[0]) + bias
+        def part(start: int, stop: int) -> None:
+            np.matmul(weight[start:stop], columns, out=out[start:stop])
+
+        shared_splitter().run(part, weight.shape[0])
+        # C order: the small operations between the products take 2-3× longer on transposed arrays
+        return np.add(out.T, bias, order="C").reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    centred = x - mean
-    variance = (centred * centred).mean(-1, keepdims=True)
-    return centred / np.sqrt(variance + LAYER_NORM_EPS) * weight + bias
+    width = x.shape[-1]
+    centred = x - np.add.reduce(x, -1, keepdims=True) / width
+    variance = np.add.reduce(centred * centred, -1, keepdims=True) / width
+    centred /= np.sqrt(variance + LAYER_NORM_EPS)
+    centred *= weight
+    centred += bias
+    return centred
 
 
 def path_for(library: Library) -> Path:

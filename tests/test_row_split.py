@@ -1,0 +1,47 @@
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from ts2cli.row_split import RowSplitter, part_bounds
+
+
+@pytest.mark.parametrize(("rows", "parts"), [(0, 2), (1, 4), (5, 2), (7, 3), (512, 4), (3, 1)])
+def test_parts_cover_the_rows_once_in_order_with_sizes_apart_by_at_most_one(rows, parts):
+    bounds = part_bounds(rows, parts)
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(bounds))
+    sizes = [stop - start for start, stop in bounds]
+    assert len(bounds) == max(1, min(parts, rows)) and max(sizes) - min(sizes) <= 1
+
+
+def test_split_matrix_product_equals_the_whole_and_runs_its_parts_at_once():
+    rng = np.random.default_rng(0)
+    weight, columns = rng.standard_normal((1001, 64)), rng.standard_normal((64, 7))
+    out = np.full((1001, 7), np.nan)
+    all_started = threading.Barrier(3, timeout=30)  # broken (and the test failed) unless 3 parts run together
+
+    def part(start: int, stop: int) -> None:
+        all_started.wait()
+        np.matmul(weight[start:stop], columns, out=out[start:stop])
+
+    RowSplitter(3).run(part, len(weight))
+    np.testing.assert_allclose(out, weight @ columns)
+
+
+def test_a_failing_part_raises_in_the_caller():
+    def part(start: int, stop: int) -> None:
+        if start > 0:
+            raise ValueError("bad rows")
+
+    with pytest.raises(ValueError, match="bad rows"):
+        RowSplitter(2).run(part, 10)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_submitted_tasks_give_their_results_and_errors(workers):
+    splitter = RowSplitter(workers)
+    assert splitter.submit(sum, [1, 2, 3]).result() == 6
+    with pytest.raises(ZeroDivisionError):
+        splitter.submit(divmod, 1, 0).result()
