@@ -3,13 +3,22 @@ faster; the text tower runs only up to the last EOT token."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from tiny_models import TINY_CLIP, random_video, tiny_net
 
 from ts2cli.model import ModelOptions, load_model
-from ts2cli.model.precision import BF16_MIN_COSINE, cast_copy, compare_reduced, cpu_has_native_bf16, cpu_reduced_net
+from ts2cli.model.precision import (
+    BF16_MIN_COSINE,
+    cast_copy,
+    compare_reduced,
+    cpu_has_native_bf16,
+    cpu_reduced_net,
+    fold_quick_gelu,
+)
 from ts2cli.model.preprocess import tokenize
 
 
@@ -23,6 +32,23 @@ def test_bf16_check_measures_feature_agreement_and_time():
     comparison = compare_reduced(net, reduced, pixels, mask)
     assert 0.9 < comparison.cosine <= 1.0 + 1e-6
     assert comparison.time_ratio > 0
+
+
+def test_folding_quick_gelu_into_silu_keeps_the_features():
+    net = tiny_net(frames=4)
+    pixels, mask = random_video(2, frames=4), torch.ones(2, 4, dtype=torch.long)
+    folded = copy.deepcopy(net)
+    layers = len(net.clip.visual.transformer.resblocks) + len(net.clip.transformer.resblocks)
+    assert fold_quick_gelu(folded.clip) == layers
+    assert not any(type(m).__name__ == "QuickGELU" for m in folded.clip.modules())
+    with torch.inference_mode():
+        expected, _ = net.encode_video(pixels, mask)
+        got, _ = folded.encode_video(pixels, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # fp32 rounding of the scaled weights
+    assert any(type(m).__name__ == "QuickGELU" for m in net.clip.modules())  # the original is untouched
+    assert all(
+        isinstance(m.gelu, torch.nn.SiLU) for m in cast_copy(net, torch.bfloat16).clip.modules() if hasattr(m, "gelu")
+    )
 
 
 def test_cpu_precision_follows_the_check():
