@@ -256,55 +256,93 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gemm_rate(cfg: dict[str, Any], rows: int, dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """FLOP/s of the ViT's own linear layers (QKV, output, MLP up, MLP down) at ``rows`` tokens, in ``dtype``.
+class GemmRound:
+    """One round of the ViT's own linear layers (QKV, output, MLP up, MLP down) at ``rows`` tokens, in ``dtype``."""
 
-    Timed round-robin for about ``seconds`` and reported as the median round, so a moment of contention from
-    other processes does not decide the figure.
-    """
-    width = cfg["vision_cfg"]["width"]
-    mlp = round(width * cfg["vision_cfg"].get("mlp_ratio", 4.0))
-    shapes = [(width, 3 * width), (width, width), (width, mlp), (mlp, width)]
-    generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(rows, i, generator=generator).to(device, dtype) for i, _ in shapes]
-    weights = [torch.randn(o, i, generator=generator).to(device, dtype) for i, o in shapes]
-    flops = sum(2.0 * rows * i * o for i, o in shapes)
-    rounds: list[float] = []
-    deadline = time.perf_counter() + seconds
-    with torch.inference_mode():
-        for x, w in zip(inputs, weights, strict=True):
-            F.linear(x, w)  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
-        while time.perf_counter() < deadline or len(rounds) < 3:
-            _synchronize(device)
-            began = time.perf_counter()
-            for x, w in zip(inputs, weights, strict=True):
-                F.linear(x, w)
-            _synchronize(device)
-            rounds.append(time.perf_counter() - began)
-    return flops / statistics.median(rounds)
+    def __init__(self, cfg: dict[str, Any], rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        width = cfg["vision_cfg"]["width"]
+        mlp = round(width * cfg["vision_cfg"].get("mlp_ratio", 4.0))
+        shapes = [(width, 3 * width), (width, width), (width, mlp), (mlp, width)]
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = [torch.randn(rows, i, generator=generator).to(device, dtype) for i, _ in shapes]
+        self.weights = [torch.randn(o, i, generator=generator).to(device, dtype) for i, o in shapes]
+        self.flops = sum(2.0 * rows * i * o for i, o in shapes)
+        self.device = device
+        self()  # warm-up: oneDNN / cuBLAS pick their kernels on the first call
 
-
-def model_rate(model: LoadedModel, pixels: torch.Tensor, mask: torch.Tensor, seconds: float = 4.0) -> float:
-    """Frames/s of ``encode_pixels`` (transfers and the copy back included), median over repeated batches."""
-    model.encode_pixels(pixels, mask)  # warm-up
-    rounds: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rounds) < 3:
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        """FLOP/s of one round."""
+        _synchronize(self.device)
         began = time.perf_counter()
-        model.encode_pixels(pixels, mask)  # ends with .cpu(): synchronises on CUDA
-        rounds.append(time.perf_counter() - began)
-    return pixels.shape[0] * pixels.shape[1] / statistics.median(rounds)
+        for x, w in zip(self.inputs, self.weights, strict=True):
+            F.linear(x, w)
+        _synchronize(self.device)
+        return self.flops / (time.perf_counter() - began)
+
+
+def model_round(model: LoadedModel, pixels: torch.Tensor, mask: torch.Tensor) -> float:
+    """Frames/s of one ``encode_pixels`` batch (transfers and the copy back included)."""
+    began = time.perf_counter()
+    model.encode_pixels(pixels, mask)  # ends with .cpu(): synchronises on CUDA
+    return pixels.shape[0] * pixels.shape[1] / (time.perf_counter() - began)
+
+
+@dataclass(frozen=True)
+class PairedRates:
+    gemm_flops_per_s: float
+    frames_per_s: float
+    ratio: float
+    """Median over the pairs of (model frames/s) / (frames/s the pair's GEMM rate allows)."""
+    gemm_rounds: list[float]
+    """FLOP/s of each GEMM measurement (best of three rounds), in the order taken."""
+    batches: list[float]
+    """Frames/s of each model batch; batch i sat between GEMM measurements i and i + 1."""
+
+
+def paired_rates(
+    gemm: GemmRound,
+    model: LoadedModel,
+    pixels: torch.Tensor,
+    mask: torch.Tensor,
+    flops_per_frame: float,
+    seconds: float,
+) -> PairedRates:
+    """GEMM rounds and model batches taken in turns for about ``seconds``, each model batch judged against the
+    GEMM rounds on both sides of it (the faster of the two, so the floor errs towards strict).
+
+    The bf16 GEMM rate of the shared test VM swings by 2× within seconds (AMX units shared with other guests);
+    measuring the floor and the model minutes apart made the ratio swing as much. Taking them in turns puts both
+    under the same conditions."""
+    model_round(model, pixels, mask)  # warm-up
+    gemms, frames = [gemm()], []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(frames) < 3:
+        frames.append(model_round(model, pixels, mask))
+        gemms.append(max(gemm() for _ in range(3)))  # a round is short: best of three stands for the moment
+    ratios = [
+        f / (max(before, after) / flops_per_frame)
+        for f, before, after in zip(frames, gemms[:-1], gemms[1:], strict=True)
+    ]
+    return PairedRates(statistics.median(gemms), statistics.median(frames), statistics.median(ratios), gemms, frames)
 
 
 @dataclass
 class ModelRow:
     name: str
     dtype: str
-    frames_per_s: float
+    measured: PairedRates
     flops_per_frame: float
-    gemm_flops_per_s: float
     used: bool
     """Whether ``choose_precision`` picked this dtype, i.e. whether ``ts2 index`` runs it."""
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.measured.frames_per_s
+
+    @property
+    def gemm_flops_per_s(self) -> float:
+        return self.measured.gemm_flops_per_s
 
     @property
     def floor_frames_per_s(self) -> float:
@@ -312,7 +350,7 @@ class ModelRow:
 
     @property
     def ratio(self) -> float:
-        return self.frames_per_s / self.floor_frames_per_s
+        return self.measured.ratio
 
 
 def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> tuple[list[ModelRow], float]:
@@ -332,13 +370,13 @@ def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> 
         flops = analytic if model.config.zero_shot else counted_flops_per_frame(model, pixels[:1], mask[:1])
         for variant in (fp32(model), *reduced_precision(model)):
             dtype = variant.dtype or torch.float32
-            before = gemm_rate(cfg, tokens, dtype, model.device)
-            rate = model_rate(variant, pixels, mask)
-            after = gemm_rate(cfg, tokens, dtype, model.device)
-            # GEMM timed on both sides of the model and the faster kept: the floor errs towards strict.
+            measured = paired_rates(GemmRound(cfg, tokens, dtype, model.device), variant, pixels, mask, flops, 8.0)
             used = variant.dtype == chosen.dtype
-            rows.append(ModelRow(name, dtype_name(variant.dtype), rate, flops, max(before, after), used))
-            print(f"{name} {rows[-1].dtype}: {rate:.1f} frames/s, {rows[-1].ratio:.0%} of floor", file=sys.stderr)
+            rows.append(ModelRow(name, dtype_name(variant.dtype), measured, flops, used))
+            print(
+                f"{name} {rows[-1].dtype}: {rows[-1].frames_per_s:.1f} frames/s, {rows[-1].ratio:.0%} of floor",
+                file=sys.stderr,
+            )
     return rows, counted
 
 
@@ -473,6 +511,9 @@ def report_models(rows: list[ModelRow], counted: float, threads: int, device: st
         "",
         f"FLOPs per 224² frame, ViT-B/32 as ts2 runs it: {analytic / 1e9:.2f} G counted from the config "
         f"(torch's FlopCounterMode: {counted / 1e9:.2f} G).",
+        "",
+        "GEMM rounds and model batches were taken in turns; GEMM GFLOP/s, floor and measured frames/s are "
+        "medians over the run, ratio the median of each batch against the GEMM rounds beside it.",
         "",
         "| model | dtype | GFLOPs/frame | GEMM GFLOP/s | floor frames/s | measured frames/s | ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
