@@ -37,11 +37,3 @@ def test_a_failing_part_raises_in_the_caller():
 
     with pytest.raises(ValueError, match="bad rows"):
         RowSplitter(2).run(part, 10)
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_submitted_tasks_give_their_results_and_errors(workers):
-    splitter = RowSplitter(workers)
-    assert splitter.submit(sum, [1, 2, 3]).result() == 6
-    with pytest.raises(ZeroDivisionError):
-        splitter.submit(divmod, 1, 0).result()

@@ -15,7 +15,7 @@ from ts2cli.errors import LibraryError, Ts2Error
 from ts2cli.indexer import IndexOptions, global_vector, index_folders
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.query import load_library_model, text_query, video_query
-from ts2cli.search import SearchOptions, matching_moment, rank, score_videos
+from ts2cli.search import SearchOptions, matching_moment, rank, score_videos, widen_float16
 from ts2cli.store import Library
 
 
@@ -185,3 +185,11 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
     for failed, words in ((empty, "empty"), (missing, "No library")):
         assert failed.returncode != 0 and words in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+
+
+def test_float16_widening_equals_numpy_cast_for_every_finite_value():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(-1, 4)  # 2-d, as the re-rank calls it
+    widened = widen_float16(finite)
+    assert widened.dtype == np.float32
+    assert np.array_equal(widened.view(np.uint32), finite.astype(np.float32).view(np.uint32))  # -0.0 too

@@ -10,16 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
@@ -29,7 +19,7 @@ if TYPE_CHECKING:
     from .datasets import CaptionSet
     from .evaluate import EvalResult
     from .model import ModelOptions
-    from .train import EpochRecord, TrainSummary
+    from .train import TrainSummary
 
 eval_app = typer.Typer(
     help="Retrieval metrics (R@1/5/10, MdR, MnR) on MSR-VTT 1k-A or your own caption list.", no_args_is_help=True
@@ -199,6 +189,7 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
     from .cli import console, print_json
     from .evaluate import evaluate
     from .model import load_model
+    from .progress import ResearchProgress
 
     data = load()
     loaded = load_model(model)
@@ -345,6 +336,7 @@ def _run_train(
     as_json: bool,
 ) -> None:
     from .cli import console, print_json
+    from .progress import ResearchProgress
     from .train import train
 
     with ResearchProgress(console, enabled=not as_json) as bar:
@@ -373,65 +365,3 @@ def train_table(summary: TrainSummary) -> Table:
         cells = ["-" if s is None else f"{s:.1f}" for s in scores]
         table.add_row(str(record.epoch), f"{record.loss:.4f}", *cells, Path(record.checkpoint).name)
     return table
-
-
-# --- progress ---------------------------------------------------------------------------------------------------
-class ResearchProgress:
-    """Rich progress for both commands: decoding/encoding counts, then training steps with loss and lr."""
-
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
-        self.console = console
-        self.enabled = enabled
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=True,
-        )
-        self._task: TaskID | None = None
-
-    def __enter__(self) -> ResearchProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)  # type: ignore[arg-type]
-
-    def _new_task(self, description: str, total: int) -> None:
-        if self._task is not None:
-            self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(description, total=total, info="")
-
-    # EvalProgress
-    def start(self, description: str, total: int) -> None:
-        self._new_task(description, total)
-
-    def advance(self, count: int = 1) -> None:
-        if self._task is not None:
-            self._progress.advance(self._task, count)
-
-    def failed(self, name: str, reason: str) -> None:
-        if self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
-
-    # TrainProgress
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self._new_task(f"epoch {epoch}/{epochs}", steps)
-
-    def step_done(self, loss: float, lr: float) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, advance=1, info=f"loss {loss:.4f}  lr {lr:.2e}")
-
-    def epoch_done(self, record: EpochRecord) -> None:
-        if not self.enabled:
-            return
-        scored = ""
-        if record.metrics:
-            scored = f", t2v R@1 {record.metrics['t2v']['R@1']:.1f}, v2t R@1 {record.metrics['v2t']['R@1']:.1f}"
-        self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {record.checkpoint}")

@@ -1,8 +1,9 @@
-"""The live progress bar of ``ts2 index`` (rich.progress)."""
+"""The live progress bars of ``ts2 index``, ``ts2 eval`` and ``ts2 train`` (rich.progress)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
 from rich.progress import (
@@ -17,18 +18,22 @@ from rich.progress import (
 
 from .indexer import Progress as IndexProgress
 
+if TYPE_CHECKING:
+    from .train import EpochRecord
 
-class IndexProgressBar(IndexProgress):
-    """Files done of planned, videos per second, ETA; a failed file is printed above the bar as it happens."""
 
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+class LiveBar:
+    """One rich progress bar in ts2's layout: label, bar, done/total, a live figure, elapsed time, ETA. Transient:
+    it leaves the terminal when done (summaries are printed after it)."""
+
+    def __init__(self, console: Console, label: str, figure: str, *, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled
         self._progress = Progress(
-            TextColumn("[bold]indexing"),
+            TextColumn(label),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} videos/s"),
+            TextColumn(figure),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -38,12 +43,19 @@ class IndexProgressBar(IndexProgress):
         )
         self._task: TaskID | None = None
 
-    def __enter__(self) -> IndexProgressBar:
+    def __enter__(self) -> Self:
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)  # type: ignore[arg-type]
+
+
+class IndexProgressBar(LiveBar, IndexProgress):
+    """Files done of planned, videos per second, ETA; a failed file is printed above the bar as it happens."""
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        super().__init__(console, "[bold]indexing", "{task.fields[rate]} videos/s", enabled=enabled)
 
     def planned(self, total: int) -> None:
         self._task = self._progress.add_task("index", total=total, rate="-")
@@ -56,3 +68,43 @@ class IndexProgressBar(IndexProgress):
         self._progress.update(self._task, rate=f"{speed:.1f}" if speed else "-")
         if outcome == "failed" and self.enabled:
             self._progress.console.print(f"[yellow]skipped[/yellow] {path}")
+
+
+class ResearchProgress(LiveBar):
+    """Rich progress for both commands: decoding/encoding counts, then training steps with loss and lr."""
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        super().__init__(console, "[bold]{task.description}", "{task.fields[info]}", enabled=enabled)
+
+    def _new_task(self, description: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, info="")
+
+    # EvalProgress
+    def start(self, description: str, total: int) -> None:
+        self._new_task(description, total)
+
+    def advance(self, count: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, count)
+
+    def failed(self, name: str, reason: str) -> None:
+        if self.enabled:
+            self._progress.console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
+
+    # TrainProgress
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._new_task(f"epoch {epoch}/{epochs}", steps)
+
+    def step_done(self, loss: float, lr: float) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=1, info=f"loss {loss:.4f}  lr {lr:.2e}")
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        if not self.enabled:
+            return
+        scored = ""
+        if record.metrics:
+            scored = f", t2v R@1 {record.metrics['t2v']['R@1']:.1f}, v2t R@1 {record.metrics['v2t']['R@1']:.1f}"
+        self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {record.checkpoint}")

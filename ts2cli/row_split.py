@@ -3,9 +3,8 @@
 ``ts2 search`` keeps OpenBLAS on one thread (``ts2cli/cli.py``): OpenBLAS's own threads spin while they wait for
 each other, and a query that shared two cores with another busy process took a second instead of tens of
 milliseconds. Splitting the rows ourselves degrades gracefully instead: each part is an ordinary single-threaded
-call that releases the GIL, so on idle cores the parts run side by side (the text encoder's matrix products
-and the float16 widening of the re-rank take about half the time on two cores, see docs/benchmarks.md), and on a
-busy machine they simply take turns.
+call that releases the GIL, so on idle cores the parts run side by side (the text encoder's matrix products take
+about two thirds of the time on two cores, see docs/benchmarks.md), and on a busy machine they simply take turns.
 """
 
 from __future__ import annotations
@@ -13,33 +12,18 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from concurrent.futures import ThreadPoolExecutor
 
 MAX_WORKERS = 4
 """More parts than this stop paying off: the work is bound by memory bandwidth, not arithmetic."""
 
 
 class RowSplitter:
-    """Runs ``work(start, stop)`` over contiguous parts of ``range(rows)``, one part per worker, and waits; or
-    takes tasks one by one (``submit``) while the caller produces the next."""
+    """Runs ``work(start, stop)`` over contiguous parts of ``range(rows)``, one part per worker, and waits."""
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
-        self._pool = ThreadPoolExecutor(self.workers, "ts2-rows") if self.workers > 1 else None
-
-    def submit(self, task: Callable[..., T], *args: Any) -> Future[T]:
-        """``task(*args)`` on a worker thread; with one worker, right here (so the future is already done)."""
-        if self._pool is not None:
-            return self._pool.submit(task, *args)
-        done: Future[T] = Future()
-        try:
-            done.set_result(task(*args))
-        except Exception as error:  # handed to whoever asks for the result, as the pool would
-            done.set_exception(error)
-        return done
+        self._pool = ThreadPoolExecutor(self.workers - 1, "ts2-rows") if self.workers > 1 else None
 
     def run(self, work: Callable[[int, int], object], rows: int) -> None:
         bounds = part_bounds(rows, self.workers)
@@ -48,7 +32,7 @@ class RowSplitter:
                 work(start, stop)
             return
         pending = [self._pool.submit(work, start, stop) for start, stop in bounds[1:]]
-        work(*bounds[0])  # the calling thread takes a part instead of idling: the pool has one thread to spare
+        work(*bounds[0])  # the calling thread takes a part instead of idling
         for future in pending:
             future.result()
 
