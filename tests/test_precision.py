@@ -38,17 +38,17 @@ def test_folding_quick_gelu_into_silu_keeps_the_features():
     net = tiny_net(frames=4)
     pixels, mask = random_video(2, frames=4), torch.ones(2, 4, dtype=torch.long)
     folded = copy.deepcopy(net)
-    layers = len(net.clip.visual.transformer.resblocks) + len(net.clip.transformer.resblocks)
-    assert fold_quick_gelu(folded.clip) == layers
-    assert not any(type(m).__name__ == "QuickGELU" for m in folded.clip.modules())
+    clip = net.clip
+    layers = len(clip.visual.transformer.resblocks) + len(clip.transformer.resblocks) + len(net.temporal.blocks)
+    assert fold_quick_gelu(folded) == layers
+    assert not any(type(m).__name__ == "QuickGELU" for m in folded.modules())
     with torch.inference_mode():
         expected, _ = net.encode_video(pixels, mask)
         got, _ = folded.encode_video(pixels, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # fp32 rounding of the scaled weights
     assert any(type(m).__name__ == "QuickGELU" for m in net.clip.modules())  # the original is untouched
-    assert all(
-        isinstance(m.gelu, torch.nn.SiLU) for m in cast_copy(net, torch.bfloat16).clip.modules() if hasattr(m, "gelu")
-    )
+    reduced = cast_copy(net, torch.bfloat16)
+    assert all(isinstance(m.gelu, torch.nn.SiLU) for m in reduced.modules() if hasattr(m, "gelu"))  # temporal too
 
 
 def test_cpu_precision_follows_the_check():

@@ -41,7 +41,7 @@ def cast_copy(net: TS2Net, dtype: torch.dtype) -> TS2Net:
     temporal transformer and the similarity stay in fp32, as under autocast: they are cheap, and the top-k
     choice should not hinge on bf16 rounding."""
     reduced = copy.deepcopy(net)
-    fold_quick_gelu(reduced.clip)  # before the cast, so that the folded weights are rounded once
+    fold_quick_gelu(reduced)  # before the cast, so that the folded weights are rounded once
     reduced.clip.to(dtype)
     return reduced
 
