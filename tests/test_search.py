@@ -193,3 +193,8 @@ def test_float16_widening_equals_numpy_cast_for_every_finite_value():
     widened = widen_float16(finite)
     assert widened.dtype == np.float32
     assert np.array_equal(widened.view(np.uint32), finite.astype(np.float32).view(np.uint32))  # -0.0 too
+
+
+def test_no_videos_score_to_empty_arrays():
+    scores, weights = score_videos(np.ones(8, dtype=np.float32), [])
+    assert scores.shape == (0,) and weights.shape == (0, 0)

@@ -98,8 +98,6 @@ def score_candidates(
     """
     batches = library.stream_frame_features(ids, WIDEN_CHUNK)
     found, products = _frame_products(_unit(np.asarray(query, dtype=np.float32), eps), batches)
-    if not found:
-        return [], np.zeros(0, dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
     return found, *_weigh(*products, eps=eps)
 
 
@@ -218,6 +216,8 @@ def _weigh(
     dots: np.ndarray, squared_norms: np.ndarray, lengths: np.ndarray, *, eps: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores (n,) and frame weights (n, T) from the frame products (the similarity's softmax pooling)."""
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
     valid = np.arange(dots.shape[1]) < lengths[:, None]
     cosines = dots / _norm_floor(np.sqrt(squared_norms), eps)
     cosines[~valid] = 0.0  # padding: no frame there

@@ -53,7 +53,7 @@ class TextEncoder:
         for layer in range(self.layers - 1):
             x = self._block(x, f"transformer.resblocks.{layer}.", mask)
         # Only the EOT token's output is used: the last block needs every token's keys and values, but the
-        # rest of its work (a quarter of the encoder's) only for that token.
+        # rest of its work (three quarters of its weights' products) only for that token.
         x = self._block(x, f"transformer.resblocks.{self.layers - 1}.", mask, rows=eot)[:, 0]
         x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
         return x @ w["text_projection"], tokens.truncated
@@ -80,9 +80,9 @@ class TextEncoder:
         return x + self._linear(y, prefix + "mlp.c_proj.")
 
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` in row blocks of the weight, one
-        per core (``ts2cli/row_split.py``): the time goes into reading the weight, which OpenBLAS streams 30%
-        faster this way round (benchmarks/search_bench.py, text encoding)."""
+        """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` in row blocks of the weight shared
+        among the cores (``ts2cli/row_split.py``): the time goes into reading the weight, which OpenBLAS streams
+        30% faster this way round (benchmarks/search_bench.py, text encoding)."""
         weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
         columns = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
         out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
