@@ -83,8 +83,8 @@ class TextEncoder:
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
         """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` over blocks of ``BLOCK_ROWS`` rows of
         the weight: the time goes into reading the weight, and OpenBLAS reads it 30% faster that way round and
-        17% faster again in blocks (it copies a whole weight into its own layout first, a small block it does
-        not; benchmarks/search_bench.py, text encoding)."""
+        17% faster again in blocks (it copies a large operand into its own layout first; small blocks presumably
+        take its small-matrix path instead; docs/benchmarks.md, Search)."""
         weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
         columns = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
         out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
