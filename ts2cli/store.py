@@ -809,8 +809,8 @@ class Library:
 
     def stream_frame_features(self, ids: Sequence[int], batch: int) -> Iterator[list[tuple[int, np.ndarray]]]:
         """The stored float16 per-frame features (n_frames, dim, read-only) of ``ids``, ``batch`` videos at a time
-        as SQLite returns them (in no particular order; missing ids are absent), so that a caller can work on
-        one batch while the next is read. Consume it to the end: it holds a read snapshot until then."""
+        as SQLite returns them (in no particular order; missing ids are absent), so that a caller can finish
+        with each batch while it is in the cache. Consume it to the end: it holds a read snapshot until then."""
         with self._read_snapshot():
             for chunk in _chunks(list(ids)):
                 rows = self._conn.execute(

@@ -54,8 +54,8 @@ def fold_quick_gelu(module: nn.Module) -> int:
     and return how many were rewritten.
 
     The same function, since y·σ(1.702y) = SiLU(1.702y) / 1.702, but one fused kernel instead of three passes
-    over the MLP's widest activations: QuickGELU was a fifth of ViT-B-32's bf16 forward on the CPU
-    (benchmarks/index_bench.py). Only for inference copies: the weights no longer match a checkpoint's.
+    over the MLP's widest activations, which took 19% of a profiled bf16 ViT-B-32 forward on the CPU
+    (docs/benchmarks.md, Indexing). Only for inference copies: the weights no longer match a checkpoint's.
     """
     from open_clip.transformer import QuickGELU as OpenClipQuickGELU  # the video towers' (imported by then)
 
