@@ -8,7 +8,8 @@ into ``--workdir``), it measures:
    sequential loop: for each video ``sample_frames`` then ``encode_videos([frames])``, fp32, one at a time;
 2. model frames/s against the arithmetic floor: FLOPs per frame (counted from the model config) divided by the
    GEMM rate this machine reaches on the model's own matrix shapes, same dtype and thread count (GEMM rounds and
-   model batches taken in turns, each batch judged against the rounds beside it); for the zero-shot backbone (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
+   model batches taken in turns, each batch judged against the rounds beside it); for the zero-shot backbone
+   (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
 3. where the indexer's time goes: how much of the time the model workers and the decode workers sat idle
    (each waiting on the other), from the counters ``index_folders`` keeps (``IndexSummary.pipeline``);
 4. on CUDA (``--device cuda``, or auto when a GPU is present): the same on the GPU, fp16, and where the
