@@ -340,7 +340,7 @@ class Trainer:
         self.dtype = autocast_dtype(self.device, options.precision, options.clip_fp16)
         if options.clip_fp16:
             # Evaluation after an epoch must feed the fp16 weights fp16 activations too.
-            loaded.dtype, loaded.precision_known = torch.float16, True
+            loaded.dtype = torch.float16
         # Evaluation runs the weights being trained, in their own precision: never a bf16 copy taken at the
         # first evaluation (``LoadedModel.choose_precision``), which later epochs would not update.
         loaded.precision_known = True

@@ -37,9 +37,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cast_copy(net: TS2Net, dtype: torch.dtype) -> TS2Net:
-    """A copy of ``net`` whose CLIP backbone is ``dtype`` (the original is left as it is). Token selection, the
-    temporal transformer and the similarity stay in fp32, as under autocast: they are cheap, and the top-k
-    choice should not hinge on bf16 rounding."""
+    """A copy of ``net`` for inference whose CLIP backbone is ``dtype``, with QuickGELU folded into SiLU (the
+    original is left as it is). Token selection, the temporal transformer and the similarity stay in fp32, as
+    under autocast: they are cheap, and the top-k choice should not hinge on bf16 rounding."""
     reduced = copy.deepcopy(net)
     fold_quick_gelu(reduced)  # before the cast, so that the folded weights are rounded once
     reduced.clip.to(dtype)
