@@ -48,7 +48,9 @@ def test_folding_quick_gelu_into_silu_keeps_the_features():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # fp32 rounding of the scaled weights
     assert any(type(m).__name__ == "QuickGELU" for m in net.clip.modules())  # the original is untouched
     reduced = cast_copy(net, torch.bfloat16)
-    assert all(isinstance(m.gelu, torch.nn.SiLU) for m in reduced.modules() if hasattr(m, "gelu"))  # temporal too
+    for mlp in (m for m in reduced.modules() if hasattr(m, "gelu")):  # temporal too
+        # SiLU, or fused into the packed product before it (the CPU copy's ViT)
+        assert isinstance(mlp.gelu, torch.nn.SiLU) or getattr(mlp.c_fc, "post_op", None) == "swish"
 
 
 def test_cpu_precision_follows_the_check():

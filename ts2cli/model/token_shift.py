@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import PackedSelfAttention
+
 BACKWARD_OFFSET = 4
 """G starts at token 1 + 3 in the reference code, whatever the fold."""
 
@@ -44,6 +46,8 @@ def self_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Written out rather than calling ``attn`` because open_clip's attention module changed signature across
     versions; the parameter names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) did not.
     """
+    if isinstance(attn, PackedSelfAttention):  # the CPU inference copy's
+        return attn.attend(x)
     batch, length, width = x.shape
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)

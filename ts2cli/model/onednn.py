@@ -1,0 +1,143 @@
+"""The ViT of the CPU's bf16 inference copy on prepacked oneDNN matrix products.
+
+``F.linear`` in bf16 on the CPU reorders its weight into oneDNN's blocked layout at every call and adds the bias
+in a pass of its own; the MLP's activation is a third pass over its widest tensor. Here each weight is reordered
+once, when the inference copy is made, and bias and activation are fused into the product
+(``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile`` emits for frozen CPU models, without its minute of
+compilation). The patch embedding, a convolution whose stride equals its kernel, becomes one such product over the
+cut-out patches. On the test machine a bf16 ViT-B-32 forward on one thread (as each of the indexer's model
+workers runs it) took 10-13 % less time, in paired runs of 48-frame batches (docs/benchmarks.md, Indexing).
+Attention stays on ``F.scaled_dot_product_attention``: at 50 tokens its fused CPU kernel beat the unfused
+products and softmax, in bf16 and in fp32.
+
+These are private torch operators: ``available`` checks they exist and agree with ``F.linear`` before anything
+is rewritten, and the precision check (``compare_reduced``) then judges the whole copy against fp32.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUSED_ACTIVATIONS = {nn.SiLU: ("swish", ""), nn.GELU: ("gelu", "none")}
+"""Module → (oneDNN post-op, its algorithm). Exact GELU only: the tanh approximation has another algorithm name."""
+
+
+@cache
+def available() -> bool:
+    """Whether this torch has oneDNN's prepacked linear operators and they compute ``F.linear`` in bf16."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator).bfloat16() for shape in ((5, 32), (16, 32), (16,)))
+    try:
+        with torch.inference_mode():
+            got = ops._linear_pointwise(x, ops._reorder_linear_weight(weight), bias, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    return got.shape == expected.shape and torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+class PackedLinear(nn.Module):
+    """``activation(linear(x))`` with the weight in oneDNN's layout; inference only (no gradients)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # A plain attribute, not a buffer: an opaque oneDNN tensor has no place in a state dict.
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.post_op, self.algorithm = _FUSED_ACTIVATIONS[type(activation)] if activation else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, self.post_op, [], self.algorithm)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class PackedSelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` for self-attention without a mask (a ViT's), on packed projections."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.heads = attention.num_heads
+        self.qkv = PackedLinear(attention.in_proj_weight, attention.in_proj_bias)
+        self.out = PackedLinear(attention.out_proj.weight, attention.out_proj.bias)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) → (B, L, W)."""
+        batch, length, width = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.out(attended.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """The call open_clip's ``ResidualAttentionBlock`` makes."""
+        if key is not query or value is not query or attn_mask is not None or need_weights:
+            raise ValueError("PackedSelfAttention does unmasked self-attention only")
+        return self.attend(query), None
+
+
+class PatchEmbedding(nn.Module):
+    """The ViT's ``conv1`` (kernel = stride = patch size, no padding) as a packed product over cut-out patches."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.patch = conv.kernel_size[0]
+        self.linear = PackedLinear(conv.weight.flatten(1), conv.bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → (N, width, H/patch, W/patch), as the convolution returns it."""
+        count, channels, height, width = pixels.shape
+        rows, columns, patch = height // self.patch, width // self.patch, self.patch
+        patches = pixels.reshape(count, channels, rows, patch, columns, patch).permute(0, 2, 4, 1, 3, 5)
+        tokens = self.linear(patches.reshape(count, rows, columns, channels * patch * patch))
+        return tokens.permute(0, 3, 1, 2)
+
+
+def packs(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a patch embedding ``PatchEmbedding`` reproduces."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == conv.stride
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def pack_vision_tower(visual: nn.Module) -> int:
+    """Replace the patch embedding, attention and MLP layers of an open_clip ViT by packed ones, in place (for an
+    inference copy on the CPU); returns how many layers were replaced."""
+    replaced = 0
+    if packs(visual.conv1):
+        visual.conv1 = PatchEmbedding(visual.conv1)
+        replaced += 1
+    for block in visual.transformer.resblocks:
+        if isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim:
+            block.attn = PackedSelfAttention(block.attn)
+            replaced += 2
+        mlp = block.mlp
+        fc, activation, proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
+        if not (isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear)):
+            continue
+        if type(activation) in _FUSED_ACTIVATIONS and getattr(activation, "approximate", "none") == "none":
+            mlp.c_fc, mlp.gelu = PackedLinear(fc.weight, fc.bias, activation), nn.Identity()
+        else:
+            mlp.c_fc = PackedLinear(fc.weight, fc.bias)
+        mlp.c_proj = PackedLinear(proj.weight, proj.bias)
+        replaced += 2
+    return replaced
