@@ -7,8 +7,9 @@ into ``--workdir``), it measures:
 1. videos/s of the pipelined indexer (the real ``index_folders``, into a fresh library each time) against a
    sequential loop: for each video ``sample_frames`` then ``encode_videos([frames])``, fp32, one at a time;
 2. model frames/s against the arithmetic floor: FLOPs per frame (counted from the model config) divided by the
-   GEMM rate this machine reaches on the model's own matrix shapes, same dtype and thread count (GEMM rounds and
-   model batches taken in turns, each batch judged against the rounds beside it); for the zero-shot backbone
+   GEMM rate this machine sustains on the model's own matrix shapes, same dtype and thread count (GEMM windows as
+   long as a batch and model batches taken in turns, each batch judged against the windows beside it); for the
+   zero-shot backbone
    (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
 3. where the indexer's time goes: how much of the time the model workers and the decode workers sat idle
    (each waiting on the other), from the counters ``index_folders`` keeps (``IndexSummary.pipeline``);
@@ -65,6 +66,8 @@ TS2 = "TS2-Net forward"
 # Videos per forward in the model-only measurements: on the CPU 4 × 12 frames × 50 tokens = 2400 rows already
 # keep the GEMMs efficient; a GPU needs far more work per launch to fill.
 MODEL_BATCH = {"cpu": 4, "cuda": 32}
+PAIRED_SECONDS = 20.0
+"""Time per model and dtype for batches and GEMM windows in turns: 6-10 pairs on one CPU thread."""
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -343,9 +346,10 @@ def paired_rates(
 
     The bf16 GEMM rate of the shared test VM swings by 2-3× within seconds (AMX units shared with other guests):
     a floor measured minutes apart from the model made the ratio swing as much, and short rounds catch bursts
-    that a batch of a second or more averages away (at one thread, rounds of 0.1 s ranged 210-830 GFLOP/s while
-    1.2-s runs of the same products gave 250-460). Taking them in turns, over equal times, puts both under the
-    same conditions; each batch is judged against the faster window beside it, so the floor errs towards strict."""
+    that a batch of a second or more averages away (at one thread in the slow state, 0.1-s rounds ranged
+    210-830 GFLOP/s while 1.2-s runs of the same products gave 180-490). Taking them in turns, over equal times,
+    puts both under the same conditions; each batch is judged against the faster window beside it, so the floor
+    errs towards strict."""
     frames_per_batch = pixels.shape[0] * pixels.shape[1]
     frames = [model_round(model, pixels, mask)]  # warm-up, and the first window's length
     windows = [gemm_window(gemm, frames_per_batch / frames[0])]
@@ -415,7 +419,9 @@ def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> 
         flops = analytic if model.config.zero_shot else counted_flops_per_frame(model, pixels[:1], mask[:1])
         for variant in (fp32(model), *reduced_precision(model)):
             dtype = variant.dtype or torch.float32
-            measured = paired_rates(GemmRound(cfg, tokens, dtype, model.device), variant, pixels, mask, flops, 8.0)
+            measured = paired_rates(
+                GemmRound(cfg, tokens, dtype, model.device), variant, pixels, mask, flops, PAIRED_SECONDS
+            )
             used = variant.dtype == chosen.dtype
             rows.append(ModelRow(name, dtype_name(variant.dtype), measured, flops, used))
             print(
