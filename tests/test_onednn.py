@@ -45,7 +45,7 @@ def test_packed_linear_without_bias():
 def test_patch_embedding_equals_the_strided_convolution():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 64, kernel_size=8, stride=8, bias=False).bfloat16()
-    pixels = torch.randn(5, 3, 32, 40).bfloat16()
+    pixels = torch.randn(5, 3, 36, 40).bfloat16()  # 36 rows: a remainder the convolution leaves out
     assert onednn.packs(conv) and not onednn.packs(nn.Conv2d(3, 64, kernel_size=8, stride=4))
     with torch.inference_mode():
         got, expected = onednn.PatchEmbedding(conv)(pixels), conv(pixels)
@@ -64,6 +64,14 @@ def test_packed_attention_equals_multihead_attention():
     _close(got, expected)
     with pytest.raises(ValueError, match="self-attention only"):
         packed(x, x.clone(), x)
+
+
+def test_only_plain_batch_first_attention_is_packed():
+    plain = nn.MultiheadAttention(64, 4, batch_first=True)
+    assert onednn._plain_self_attention(plain)
+    assert not onednn._plain_self_attention(nn.MultiheadAttention(64, 4))  # sequence-first
+    assert not onednn._plain_self_attention(nn.MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True))
+    assert not onednn._plain_self_attention(nn.MultiheadAttention(64, 4, batch_first=True, kdim=32, vdim=32))
 
 
 @pytest.mark.parametrize("zero_shot", [True, False])

@@ -102,6 +102,7 @@ class PatchEmbedding(nn.Module):
         """(N, C, H, W) → (N, width, H/patch, W/patch), as the convolution returns it."""
         count, channels, height, width = pixels.shape
         rows, columns, patch = height // self.patch, width // self.patch, self.patch
+        pixels = pixels[:, :, : rows * patch, : columns * patch]  # the convolution leaves a remainder out too
         patches = pixels.reshape(count, channels, rows, patch, columns, patch).permute(0, 2, 4, 1, 3, 5)
         tokens = self.linear(patches.reshape(count, rows, columns, channels * patch * patch))
         return tokens.permute(0, 3, 1, 2)
@@ -119,6 +120,18 @@ def packs(conv: nn.Module) -> bool:
     )
 
 
+def _plain_self_attention(attention: nn.Module) -> bool:
+    """Whether ``attention`` is what ``PackedSelfAttention`` reproduces: batch-first, one packed QKV projection,
+    no extra key/value biases or zero attention."""
+    return (
+        isinstance(attention, nn.MultiheadAttention)
+        and attention.batch_first
+        and attention.in_proj_weight is not None
+        and attention.bias_k is None
+        and not attention.add_zero_attn
+    )
+
+
 def pack_vision_tower(visual: nn.Module) -> int:
     """Replace the patch embedding, attention and MLP layers of an open_clip ViT by packed ones, in place (for an
     inference copy on the CPU); returns how many layers were replaced."""
@@ -127,7 +140,7 @@ def pack_vision_tower(visual: nn.Module) -> int:
         visual.conv1 = PatchEmbedding(visual.conv1)
         replaced += 1
     for block in visual.transformer.resblocks:
-        if isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim:
+        if _plain_self_attention(block.attn):
             block.attn = PackedSelfAttention(block.attn)
             replaced += 2
         mlp = block.mlp
