@@ -48,10 +48,6 @@ def save_checkpoint(model: torch.nn.Module, path: Path, config: TS2Config) -> No
     os.replace(partial, path)
 
 
-def is_own_format(path: Path) -> bool:
-    return _own_metadata(path) is not None
-
-
 def _own_metadata(path: Path) -> dict[str, str] | None:
     if path.suffix != ".safetensors":
         return None
