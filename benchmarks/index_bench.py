@@ -9,8 +9,7 @@ into ``--workdir``), it measures:
 2. model frames/s against the arithmetic floor: FLOPs per frame (counted from the model config) divided by the
    GEMM rate this machine sustains on the model's own matrix shapes, same dtype and thread count (GEMM windows as
    long as a batch and model batches taken in turns, each batch judged against the windows beside it); for the
-   zero-shot backbone
-   (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
+   zero-shot backbone (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
 3. where the indexer's time goes: how much of the time the model workers and the decode workers sat idle
    (each waiting on the other), from the counters ``index_folders`` keeps (``IndexSummary.pipeline``);
 4. on CUDA (``--device cuda``, or auto when a GPU is present): the same on the GPU, fp16, and where the
@@ -351,9 +350,9 @@ def paired_rates(
     puts both under the same conditions; each batch is judged against the faster window beside it, so the floor
     errs towards strict."""
     frames_per_batch = pixels.shape[0] * pixels.shape[1]
-    frames = [model_round(model, pixels, mask)]  # warm-up, and the first window's length
-    windows = [gemm_window(gemm, frames_per_batch / frames[0])]
-    frames.clear()
+    warm_up = model_round(model, pixels, mask)  # also sets the first window's length
+    windows = [gemm_window(gemm, frames_per_batch / warm_up)]
+    frames: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(frames) < 3:
         frames.append(model_round(model, pixels, mask))
