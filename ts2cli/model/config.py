@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Compat = Literal["official", "fixed"]
-COMPAT_MODES: tuple[Compat, ...] = ("official", "fixed")
+COMPAT_MODES: tuple[Compat, ...] = get_args(Compat)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .preprocess import PixelNorm, frames_to_tensor, pad_frames, tokenize
 from .ts2net import TS2Net
 
 InferencePrecision = Literal["auto", "float32"]
-INFERENCE_PRECISIONS: tuple[str, ...] = ("auto", "float32")
+INFERENCE_PRECISIONS: tuple[InferencePrecision, ...] = get_args(InferencePrecision)
 
 
 @dataclass(frozen=True)
