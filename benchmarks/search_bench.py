@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -765,7 +766,10 @@ def main() -> None:
             torch_model = load_library_model(library, None, device="cpu", text_only=True)
             numpy_model = load_text_encoder(library)
         assert numpy_model is not None, "the library did not get a text encoder export"
-        encoders = {"numpy, float16 weights (ts2 search)": numpy_model}
+        threads = numpy_model.threads
+        encoders = {f"numpy, float16 weights, {threads} thread{'s' * (threads > 1)} (ts2 search)": numpy_model}
+        if threads > 1:
+            encoders["numpy, float16 weights, 1 thread"] = dataclasses.replace(numpy_model, threads=1)
         torch_name = f"torch, {str(torch_model.dtype or torch.float32).removeprefix('torch.')}, 1 thread"
         encoders |= {torch_name: torch_model, "torch, float32 (reference)": model}
         run.text_encoders = compare_text_encoders(encoders, args.text_queries)

@@ -106,6 +106,37 @@ def test_index_exports_a_text_encoder_that_gives_the_torch_query_vectors(indexed
     assert vector.shape == (model.embed_dim,) and "first 30 tokens" in notes[0]
 
 
+def test_row_blocks_are_handed_out_once_each():
+    import threading
+
+    for rows in (1, 128, 129, 2048):
+        blocks = text_encoder._Blocks(rows)
+        taken: list[int] = []
+
+        def take_all(blocks=blocks, taken=taken) -> None:
+            while (start := blocks.take()) is not None:
+                taken.append(start)
+
+        threads = [threading.Thread(target=take_all) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(taken) == list(range(0, rows, text_encoder.BLOCK_ROWS)) and len(taken) == blocks.count
+
+
+def test_threads_share_the_products_and_give_the_same_vectors(indexed, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(text_encoder, "BLOCK_ROWS", 8)  # the tiny tower's 64-row weights then span several blocks
+    with Library.open(indexed[0] / "lib") as lib:
+        encoder = text_encoder.load_text_encoder(lib)
+    alone, _ = dataclasses.replace(encoder, threads=1).encode_texts(TEXTS[:3])
+    shared, _ = dataclasses.replace(encoder, threads=3).encode_texts(TEXTS[:3])
+    np.testing.assert_array_equal(shared, alone)  # the same block products, computed on other threads
+    assert 1 <= text_encoder.default_threads() <= text_encoder.MAX_THREADS
+
+
 def test_an_export_for_another_model_is_not_used(indexed):
     root, _ = indexed
     path = root / "lib" / text_encoder.FILE_NAME

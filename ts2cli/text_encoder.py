@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,16 @@ FORMAT = "ts2-text/1"
 LAYER_NORM_EPS = 1e-5
 BLOCK_ROWS = 128
 """Weight rows per matrix product (32 to 128 were equally fast here; 256 and whole weights slower)."""
+MAX_THREADS = 2
+"""Threads sharing each product's weight blocks. On the 2-core test machine two took 0.75-0.79× the time of one per
+query in ten of eleven runs of 50-120 queries taking turns (1.07-1.09× in the eleventh, and while another program
+kept the second core busy); more threads were never measured."""
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def default_threads() -> int:
+    """One thread per core this process may use, up to ``MAX_THREADS``."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class TextEncoder:
     layers: int
     words: int
     identity: dict[str, Any]
+    threads: int = field(default_factory=default_threads)
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         """(B, D) float32 text features and, per text, whether it was cut to the context length."""
@@ -84,14 +97,47 @@ class TextEncoder:
         """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` over blocks of ``BLOCK_ROWS`` rows of
         the weight: the time goes into reading the weight, and OpenBLAS reads it 30% faster that way round and
         17% faster again in blocks (it copies a large operand into its own layout first; small blocks presumably
-        take its small-matrix path instead; docs/benchmarks.md, Search)."""
+        take its small-matrix path instead; docs/benchmarks.md, Search). The blocks are shared between
+        ``threads`` threads (numpy lets go of the GIL inside a product; each runs one OpenBLAS thread, whose own
+        threading spins and stalls on a busy machine: see ts2cli/cli.py)."""
         weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
         columns = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
         out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
-        for start in range(0, weight.shape[0], BLOCK_ROWS):
-            np.matmul(weight[start : start + BLOCK_ROWS], columns, out=out[start : start + BLOCK_ROWS])
+        blocks = _Blocks(weight.shape[0])
+        helpers = [
+            _helper_pool(self.threads - 1).submit(_products, weight, columns, out, blocks)
+            for _ in range(min(self.threads, blocks.count) - 1)
+        ]
+        _products(weight, columns, out, blocks)
+        for helper in helpers:
+            helper.result()
         # C order: the small operations between the products take 2-3× longer on transposed arrays
         return np.add(out.T, bias, order="C").reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _Blocks:
+    """The ``BLOCK_ROWS``-row blocks of a weight, handed out one at a time to whichever thread asks first, so that
+    a thread slowed down by other programs takes fewer of them."""
+
+    def __init__(self, rows: int) -> None:
+        self.count = -(-rows // BLOCK_ROWS)
+        self._starts = iter(range(0, rows, BLOCK_ROWS))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The first row of a block no thread has taken yet, or None when all are taken."""
+        with self._lock:
+            return next(self._starts, None)
+
+
+def _products(weight: np.ndarray, columns: np.ndarray, out: np.ndarray, blocks: _Blocks) -> None:
+    while (start := blocks.take()) is not None:
+        np.matmul(weight[start : start + BLOCK_ROWS], columns, out=out[start : start + BLOCK_ROWS])
+
+
+@cache
+def _helper_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ts2-text")
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
