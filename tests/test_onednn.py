@@ -1,4 +1,5 @@
-"""The CPU bf16 inference copy's ViT on prepacked oneDNN products computes what the unpacked layers compute."""
+"""The CPU bf16 inference copy's ViT and temporal transformer on prepacked oneDNN products compute what the unpacked
+layers compute."""
 
 from __future__ import annotations
 
@@ -66,6 +67,27 @@ def test_packed_attention_equals_multihead_attention():
         packed(x, x.clone(), x)
 
 
+@pytest.mark.parametrize("per_head", [True, False])
+def test_packed_attention_takes_the_temporal_mask_and_rounds_fp32_input(per_head):
+    torch.manual_seed(0)
+    batch, length, heads = 3, 10, 4
+    attention = nn.MultiheadAttention(64, heads, batch_first=True).eval()  # fp32, as the temporal blocks'
+    x = torch.randn(batch, length, 64)
+    masked = torch.zeros(batch, length)
+    masked[0, 6:] = masked[2, 1:] = -1e6  # padded frames' tokens, as TemporalTransformer masks them
+    bias = masked[:, None, :].expand(batch, length, length).repeat_interleave(heads, dim=0)
+    if not per_head:
+        bias = torch.triu(torch.full((length, length), -1e6), 1)
+    packed = onednn.PackedSelfAttention(attention, torch.bfloat16)
+    with torch.inference_mode():
+        expected, _ = attention(x, x, x, need_weights=False, attn_mask=bias)
+        got, _ = packed(x, x, x, need_weights=False, attn_mask=bias)
+    assert got.dtype == torch.bfloat16 and packed.qkv.dtype == torch.bfloat16
+    _close(got, expected)
+    with pytest.raises(ValueError, match="additive float mask"):
+        packed(x, x, x, attn_mask=bias < 0)
+
+
 def test_only_plain_batch_first_attention_is_packed():
     plain = nn.MultiheadAttention(64, 4, batch_first=True)
     assert onednn._plain_self_attention(plain)
@@ -83,6 +105,10 @@ def test_cpu_bf16_copy_is_packed_and_keeps_the_features(zero_shot):
     assert isinstance(visual.conv1, onednn.PatchEmbedding)
     assert all(isinstance(block.attn, onednn.PackedSelfAttention) for block in visual.transformer.resblocks)
     assert all(isinstance(block.mlp.c_fc, onednn.PackedLinear) for block in visual.transformer.resblocks)
+    if not zero_shot:  # the temporal products too; its layer norms stay fp32
+        assert all(isinstance(block.attn, onednn.PackedSelfAttention) for block in reduced.temporal.blocks)
+        assert all(block.mlp.c_proj.dtype == torch.bfloat16 for block in reduced.temporal.blocks)
+        assert {p.dtype for p in reduced.temporal.blocks[0].ln_1.parameters()} == {torch.float32}
     assert isinstance(net.clip.visual.conv1, nn.Conv2d)  # the original is untouched
     unpacked = copy.deepcopy(net)
     unpacked.clip.to(torch.bfloat16)

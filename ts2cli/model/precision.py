@@ -39,9 +39,10 @@ def cpu_has_native_bf16() -> bool:
 
 def cast_copy(net: TS2Net, dtype: torch.dtype) -> TS2Net:
     """A copy of ``net`` for inference whose CLIP backbone is ``dtype``, with QuickGELU folded into SiLU (the
-    original is left as it is); a bf16 copy on the CPU gets its ViT on prepacked oneDNN products. Token
-    selection, the temporal transformer and the similarity stay in fp32, as under autocast: they are cheap, and
-    the top-k choice should not hinge on bf16 rounding."""
+    original is left as it is). Token selection and the similarity stay in fp32: they are cheap, and the top-k
+    choice should not hinge on bf16 rounding; so does the temporal transformer, except that a bf16 copy on the
+    CPU runs its products, like its ViT, on prepacked bf16 oneDNN products (its residual stream and layer norms
+    stay fp32)."""
     reduced = copy.deepcopy(net)
     fold_quick_gelu(reduced)  # before the cast, so that the folded weights are rounded once
     reduced.clip.to(dtype)
@@ -49,6 +50,8 @@ def cast_copy(net: TS2Net, dtype: torch.dtype) -> TS2Net:
     on_cpu = all(p.device.type == "cpu" for p in reduced.parameters())
     if visual is not None and dtype == torch.bfloat16 and on_cpu and onednn.available():
         onednn.pack_vision_tower(visual)
+        if reduced.temporal is not None:
+            onednn.pack_blocks(reduced.temporal.blocks, dtype)
     return reduced
 
 
