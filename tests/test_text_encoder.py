@@ -106,23 +106,23 @@ def test_index_exports_a_text_encoder_that_gives_the_torch_query_vectors(indexed
     assert vector.shape == (model.embed_dim,) and "first 30 tokens" in notes[0]
 
 
-def test_row_blocks_are_handed_out_once_each():
-    import threading
+def test_shared_product_is_whole_with_late_or_missing_helpers():
+    rng = np.random.default_rng(0)
+    weight, columns = rng.standard_normal((300, 24), dtype=np.float32), rng.standard_normal((24, 5), dtype=np.float32)
+    expected = weight @ columns
+    alone = text_encoder._SharedProduct(weight, columns)
+    np.testing.assert_allclose(alone.compute(), expected, rtol=1e-5, atol=1e-5)
+    assert alone.blocks == 3
 
-    for rows in (1, 128, 129, 2048):
-        blocks = text_encoder._Blocks(rows)
-        taken: list[int] = []
-
-        def take_all(blocks=blocks, taken=taken) -> None:
-            while (start := blocks.take()) is not None:
-                taken.append(start)
-
-        threads = [threading.Thread(target=take_all) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert sorted(taken) == list(range(0, rows, text_encoder.BLOCK_ROWS)) and len(taken) == blocks.count
+    # A helper takes a block and stalls (a descheduled vCPU): the caller computes that block itself, into an
+    # array the helper's late write does not reach.
+    stalled = text_encoder._SharedProduct(weight, columns)
+    taken = stalled._take(helper=True)
+    out = stalled.compute()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    stalled._multiply(taken, np.full_like(stalled.out, np.nan))
+    stalled.out[:] = np.nan  # what a late helper could still write into
+    assert not np.isnan(out).any()
 
 
 def test_threads_share_the_products_and_give_the_same_vectors(indexed, monkeypatch):

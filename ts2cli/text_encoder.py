@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
@@ -99,40 +100,70 @@ class TextEncoder:
         17% faster again in blocks (it copies a large operand into its own layout first; small blocks presumably
         take its small-matrix path instead; docs/benchmarks.md, Search). The blocks are shared between
         ``threads`` threads (numpy lets go of the GIL inside a product; each runs one OpenBLAS thread, whose own
-        threading spins and stalls on a busy machine: see ts2cli/cli.py)."""
+        threading spins and stalls on a busy machine: see ts2cli/cli.py), as ``_SharedProduct`` describes."""
         weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
-        columns = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
-        out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
-        blocks = _Blocks(weight.shape[0])
-        helpers = [
-            _helper_pool(self.threads - 1).submit(_products, weight, columns, out, blocks)
-            for _ in range(min(self.threads, blocks.count) - 1)
-        ]
-        _products(weight, columns, out, blocks)
-        for helper in helpers:
-            helper.result()
+        product = _SharedProduct(weight, np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T))
+        for _ in range(min(self.threads, product.blocks) - 1):
+            _helper_pool(self.threads - 1).submit(product.help)
+        out = product.compute()
         # C order: the small operations between the products take 2-3× longer on transposed arrays
         return np.add(out.T, bias, order="C").reshape(*x.shape[:-1], weight.shape[0])
 
 
-class _Blocks:
-    """The ``BLOCK_ROWS``-row blocks of a weight, handed out one at a time to whichever thread asks first, so that
-    a thread slowed down by other programs takes fewer of them."""
+class _SharedProduct:
+    """``weight @ columns`` in blocks of ``BLOCK_ROWS`` weight rows, handed out one at a time to whichever thread
+    asks first, so that a thread slowed down by other programs takes fewer of them.
 
-    def __init__(self, rows: int) -> None:
-        self.count = -(-rows // BLOCK_ROWS)
-        self._starts = iter(range(0, rows, BLOCK_ROWS))
-        self._lock = threading.Lock()
+    The calling thread waits for a helper's last block no longer than it took for two blocks of its own; then it
+    computes the missing blocks itself, into a copy the helper does not write to. On the shared test VM the
+    second vCPU sometimes stalled for milliseconds without any steal time showing, and an earlier version that
+    waited for it ran some queries 2.5× slower than one thread (docs/benchmarks.md, Search).
+    """
 
-    def take(self) -> int | None:
-        """The first row of a block no thread has taken yet, or None when all are taken."""
-        with self._lock:
-            return next(self._starts, None)
+    def __init__(self, weight: np.ndarray, columns: np.ndarray) -> None:
+        self.weight, self.columns = weight, columns
+        self.out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
+        self.blocks = -(-weight.shape[0] // BLOCK_ROWS)
+        self._starts = iter(range(0, weight.shape[0], BLOCK_ROWS))
+        self._unfinished: set[int] = set()
+        """Blocks a helper took and has not finished."""
+        self._finished = threading.Condition()
 
+    def compute(self) -> np.ndarray:
+        """The product, computed by the calling thread with whatever help it gets."""
+        began, done = time.perf_counter(), 0
+        while (start := self._take(helper=False)) is not None:
+            self._multiply(start, self.out)
+            done += 1
+        patience = 2 * (time.perf_counter() - began) / max(done, 1)
+        with self._finished:
+            self._finished.wait_for(lambda: not self._unfinished, timeout=patience)
+            late = sorted(self._unfinished)
+        if not late:
+            return self.out
+        out = self.out.copy()
+        for start in late:
+            self._multiply(start, out)
+        return out
 
-def _products(weight: np.ndarray, columns: np.ndarray, out: np.ndarray, blocks: _Blocks) -> None:
-    while (start := blocks.take()) is not None:
-        np.matmul(weight[start : start + BLOCK_ROWS], columns, out=out[start : start + BLOCK_ROWS])
+    def help(self) -> None:
+        """Compute blocks until none is left (run on helper threads)."""
+        while (start := self._take(helper=True)) is not None:
+            self._multiply(start, self.out)
+            with self._finished:
+                self._unfinished.discard(start)
+                if not self._unfinished:
+                    self._finished.notify_all()
+
+    def _take(self, *, helper: bool) -> int | None:
+        with self._finished:
+            start = next(self._starts, None)
+            if helper and start is not None:
+                self._unfinished.add(start)
+            return start
+
+    def _multiply(self, start: int, out: np.ndarray) -> None:
+        np.matmul(self.weight[start : start + BLOCK_ROWS], self.columns, out=out[start : start + BLOCK_ROWS])
 
 
 @cache
