@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 # numpy's OpenBLAS spreads even the 9-row products of a text query over every core, and on a busy machine its
 # threads wait on each other: on the 2-core test machine a query took about 1 s with two threads and 75 ms with
-# one (benchmarks/search_bench.py). Set before numpy is first imported; a user's own setting wins.
+# one (benchmarks/search_bench.py); the text encoder shares its products between threads of its own instead
+# (text_encoder.py). Set before numpy is first imported; a user's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
