@@ -34,9 +34,9 @@ LAYER_NORM_EPS = 1e-5
 BLOCK_ROWS = 128
 """Weight rows per matrix product (32 to 128 were equally fast here; 256 and whole weights slower)."""
 MAX_THREADS = 2
-"""Threads sharing each product's weight blocks. On the 2-core test machine two took 0.75-0.79× the time of one per
-query in ten of eleven runs of 50-120 queries taking turns (1.07-1.09× in the eleventh, and while another program
-kept the second core busy); more threads were never measured."""
+"""Threads sharing each product's weight blocks. On the 2-core test machine two took 0.74-0.82× the time of one per
+query in 13 paired runs with the second vCPU free, 1.05-1.09× while another program kept it busy
+(docs/benchmarks.md, Search); more threads were never measured."""
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 

@@ -11,8 +11,8 @@ Attention stays on ``F.scaled_dot_product_attention``: at 50 tokens its fused CP
 products and softmax, in bf16 and in fp32.
 
 The temporal transformer's products get the same treatment, their inputs rounded to bf16 on the way in, while its
-residual stream and layer norms (eps 1e-12) stay fp32: in fp32 they took 69 ms of a 48-frame ViT-B-32 TS2-Net
-forward on one thread, 16-22 ms packed.
+residual stream and layer norms (eps 1e-12) stay fp32: in fp32 they took 63-69 ms of a 48-frame ViT-B-32 TS2-Net
+forward on one thread, 15-22 ms packed.
 
 These are private torch operators: ``available`` checks they exist and agree with ``F.linear`` before anything
 is rewritten, and the precision check (``compare_reduced``) then judges the whole copy against fp32.
@@ -84,7 +84,7 @@ class PackedSelfAttention(nn.Module):
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         if bias is not None:
-            bias = (bias if bias.dim() == 2 else bias.view(batch, self.heads, length, length)).to(qkv.dtype)
+            bias = (bias if bias.dim() == 2 else bias.reshape(batch, self.heads, length, length)).to(qkv.dtype)
         attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         return self.out(attended.transpose(1, 2).reshape(batch, length, width))
 
