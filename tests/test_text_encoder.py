@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,18 @@ def test_shared_product_is_whole_with_late_or_missing_helpers():
     stalled._multiply(taken, np.full_like(stalled.out, np.nan))
     stalled.out[:] = np.nan  # what a late helper could still write into
     assert not np.isnan(out).any()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_helper_threads_of_its_own():
+    parent_pool = text_encoder._helper_pool(1)
+    assert parent_pool.submit(lambda: 1).result(timeout=10) == 1  # its thread is running when the fork comes
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool thread does not exist here
+        pool = text_encoder._helper_pool(1)
+        os._exit(0 if pool is not parent_pool and pool.submit(lambda: 42).result(timeout=10) == 42 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_threads_share_the_products_and_give_the_same_vectors(indexed, monkeypatch):

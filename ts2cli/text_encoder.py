@@ -171,6 +171,10 @@ def _helper_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ts2-text")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads: it makes its own pool
+    os.register_at_fork(after_in_child=_helper_pool.cache_clear)
+
+
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     width = x.shape[-1]
     centred = x - np.add.reduce(x, -1, keepdims=True) / width
