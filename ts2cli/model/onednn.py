@@ -49,15 +49,21 @@ def available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``activation(linear(x))`` with the weight in oneDNN's layout, in the weight's dtype (an input in another
-    dtype is rounded to it; the output stays in it); inference only (no gradients)."""
+    """``activation(linear(x))`` with the weight in oneDNN's layout, computed in ``dtype`` (default: the weight's;
+    an input in another dtype is rounded to it, and the output stays in it); inference only (no gradients)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        activation: nn.Module | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
+        self.dtype = dtype or weight.dtype
         # A plain attribute, not a buffer: an opaque oneDNN tensor has no place in a state dict.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(self.dtype), requires_grad=False)
         self.post_op, self.algorithm = _FUSED_ACTIVATIONS[type(activation)] if activation else ("none", "")
 
@@ -74,9 +80,8 @@ class PackedSelfAttention(nn.Module):
     def __init__(self, attention: nn.MultiheadAttention, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.heads = attention.num_heads
-        in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
-        self.qkv = PackedLinear(in_weight.to(dtype or in_weight.dtype), attention.in_proj_bias)
-        self.out = PackedLinear(out_weight.to(dtype or out_weight.dtype), attention.out_proj.bias)
+        self.qkv = PackedLinear(attention.in_proj_weight, attention.in_proj_bias, dtype=dtype)
+        self.out = PackedLinear(attention.out_proj.weight, attention.out_proj.bias, dtype=dtype)
 
     def attend(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, W) → (B, L, W); ``bias``: an additive float mask, (L, L) or (B·heads, L, L) as
@@ -169,11 +174,10 @@ def pack_blocks(blocks: Iterable[nn.Module], dtype: torch.dtype | None = None) -
         fc, activation, proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
         if not (isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear)):
             continue
-        fc_weight, proj_weight = fc.weight.to(dtype or fc.weight.dtype), proj.weight.to(dtype or proj.weight.dtype)
         if type(activation) in _FUSED_ACTIVATIONS and getattr(activation, "approximate", "none") == "none":
-            mlp.c_fc, mlp.gelu = PackedLinear(fc_weight, fc.bias, activation), nn.Identity()
+            mlp.c_fc, mlp.gelu = PackedLinear(fc.weight, fc.bias, activation, dtype), nn.Identity()
         else:
-            mlp.c_fc = PackedLinear(fc_weight, fc.bias)
-        mlp.c_proj = PackedLinear(proj_weight, proj.bias)
+            mlp.c_fc = PackedLinear(fc.weight, fc.bias, dtype=dtype)
+        mlp.c_proj = PackedLinear(proj.weight, proj.bias, dtype=dtype)
         replaced += 2
     return replaced
