@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,25 @@ def test_tokenizer_matches_open_clip_and_needs_no_torch():
     assert ours.truncated[3] and not ours.truncated[0]
     probe = "import sys; from ts2cli.tokenizer import encode; encode(['a dog'], 32); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_tokenizer_is_built_once_and_in_background(monkeypatch):
+    from ts2cli import tokenizer
+
+    tokenizer.prepare_in_background().join()
+    # the instance open_clip's module builds for itself: the vocabulary is not parsed a second time
+    assert tokenizer._tokenizer() is tokenizer._clip_tokenizer_module()._tokenizer
+
+    def broken() -> None:
+        raise ImportError("open_clip is not installed")
+
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    monkeypatch.setattr(tokenizer, "_built_tokenizer", broken)
+    tokenizer.prepare_in_background().join()
+    assert uncaught == []  # no traceback from the thread: the error is raised where the tokenizer is needed
+    with pytest.raises(ImportError, match="open_clip is not installed"):
+        encode(["a dog"], 32)
 
 
 def test_numpy_scores_equal_the_model_similarity():

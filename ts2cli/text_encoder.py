@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import tokenizer
 from .store import DB_FILE, Library, same_model
 from .tokenizer import encode
 
@@ -197,6 +198,7 @@ def load_text_encoder(library: Library) -> TextEncoder | None:
     meta = _current_metadata(library)
     if meta is None:
         return None
+    tokenizer.prepare_in_background()  # Python work, overlapping the weights' reading and widening (no GIL)
     try:
         # The token table stays float16: a query reads a few of its rows.
         arrays = load_file(str(path_for(library)))

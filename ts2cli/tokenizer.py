@@ -10,8 +10,10 @@ code either way (tests compare the ids with open_clip's on the MSR-VTT captions)
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib.util
 import sys
+import threading
 import types
 from dataclasses import dataclass
 from functools import cache
@@ -36,12 +38,12 @@ def _import_without_torch(name: str, *args: Any, **kwargs: Any) -> Any:
 
 
 @cache
-def simple_tokenizer_class() -> type:
-    """open_clip's ``SimpleTokenizer`` without running ``open_clip/__init__`` (which imports the model zoo) or
+def _clip_tokenizer_module() -> types.ModuleType:
+    """open_clip's tokenizer module without running ``open_clip/__init__`` (which imports the model zoo) or
     importing torch. The BPE vocabulary is found next to the module, as usual."""
     loaded = sys.modules.get("open_clip.tokenizer")
     if loaded is not None:
-        return loaded.SimpleTokenizer
+        return loaded
     package = importlib.util.find_spec("open_clip")
     if package is None or package.origin is None:
         raise ImportError("open_clip is not installed")
@@ -52,12 +54,38 @@ def simple_tokenizer_class() -> type:
     module = importlib.util.module_from_spec(spec)
     module.__dict__["__builtins__"] = {**vars(builtins), "__import__": _import_without_torch}
     spec.loader.exec_module(module)
-    return module.SimpleTokenizer
+    return module
+
+
+_building = threading.Lock()
+
+
+def prepare_in_background() -> threading.Thread:
+    """Start building the tokenizer on a thread of its own (0.3 s of Python on the test machine), so that it
+    overlaps work that lets go of the GIL, such as reading the text encoder's weights. ``encode`` waits for it;
+    an error is raised there, where the tokenizer is built again."""
+    thread = threading.Thread(target=_build_quietly, name="ts2-tokenizer", daemon=True)
+    thread.start()
+    return thread
+
+
+def _build_quietly() -> None:
+    with contextlib.suppress(Exception):
+        _tokenizer()
+
+
+def _tokenizer() -> Any:
+    with _building:  # one build, even with a background one under way
+        return _built_tokenizer()
 
 
 @cache
-def _tokenizer() -> Any:
-    return simple_tokenizer_class()()
+def _built_tokenizer() -> Any:
+    # The module builds a default SimpleTokenizer when it is executed (its ``tokenize`` uses it); building a
+    # second one would read and parse the BPE vocabulary again (0.15 s, an eighth of a cold `ts2 search`).
+    module = _clip_tokenizer_module()
+    built = getattr(module, "_tokenizer", None)
+    return built if isinstance(built, module.SimpleTokenizer) else module.SimpleTokenizer()
 
 
 @dataclass(frozen=True)
