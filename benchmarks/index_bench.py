@@ -9,7 +9,9 @@ into ``--workdir``), it measures:
 2. model frames/s against the arithmetic floor: FLOPs per frame (counted from the model config) divided by the
    GEMM rate this machine sustains on the model's own matrix shapes, same dtype and thread count (GEMM windows as
    long as a batch and model batches taken in turns, each batch judged against the windows beside it); for the
-   zero-shot backbone (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward;
+   zero-shot backbone (what ``ts2 index`` runs without a checkpoint) and for a TS2-Net forward; on the CPU also
+   where a batch's time goes (torch profiler: matrix products, attention, layer norms, the rest) and the ratio
+   the work outside the products leaves possible;
 3. where the indexer's time goes: how much of the time the model workers and the decode workers sat idle
    (each waiting on the other), from the counters ``index_folders`` keeps (``IndexSummary.pipeline``);
 4. on CUDA (``--device cuda``, or auto when a GPU is present): the same on the GPU, fp16, and where the
@@ -375,6 +377,32 @@ def paired_rates(
     )
 
 
+# Profiler op names by kind of work, matched against each op's own (self) time so that nested calls count once.
+OP_KINDS = {
+    "matrix products": ("_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "convolution"),
+    "attention": ("scaled_dot_product", "flash_attention", "softmax", "multi_head_attention", "rescale_qkv"),
+    "layer norms": ("layer_norm",),
+}
+OTHER_WORK = "everything else"
+
+
+def op_kind(name: str) -> str:
+    return next((kind for kind, parts in OP_KINDS.items() if any(p in name for p in parts)), OTHER_WORK)
+
+
+def time_split(model: LoadedModel, pixels: torch.Tensor, mask: torch.Tensor, batches: int = 2) -> dict[str, float]:
+    """Seconds per batch by kind of work (CPU only: on CUDA the profiler's CPU times say nothing about kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(batches):
+            model.encode_pixels(pixels, mask)
+    seconds = dict.fromkeys([*OP_KINDS, OTHER_WORK], 0.0)
+    for event in profiler.key_averages():
+        seconds[op_kind(event.key)] += event.self_cpu_time_total / 1e6 / batches
+    return seconds
+
+
 @dataclass
 class ModelRow:
     name: str
@@ -383,6 +411,9 @@ class ModelRow:
     flops_per_frame: float
     used: bool
     """Whether ``choose_precision`` picked this dtype, i.e. whether ``ts2 index`` runs it."""
+    split: dict[str, float] = field(default_factory=dict)
+    """Seconds per batch by kind of work (``time_split``); empty on CUDA."""
+    frames_per_batch: int = 0
 
     @property
     def frames_per_s(self) -> float:
@@ -399,6 +430,16 @@ class ModelRow:
     @property
     def ratio(self) -> float:
         return self.measured.ratio
+
+    @property
+    def ratio_cap(self) -> float | None:
+        """The ratio a batch would reach if its matrix products ran at the GEMM rate and everything else took
+        the time profiled: the most that faster products alone could give."""
+        if not self.split:
+            return None
+        floor = self.frames_per_batch * self.flops_per_frame / self.gemm_flops_per_s
+        rest = sum(t for kind, t in self.split.items() if kind != "matrix products")
+        return floor / (floor + rest)
 
 
 def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> tuple[list[ModelRow], float]:
@@ -422,7 +463,9 @@ def model_vs_floor(models: dict[str, LoadedModel], videos: list[np.ndarray]) -> 
                 GemmRound(cfg, tokens, dtype, model.device), variant, pixels, mask, flops, PAIRED_SECONDS
             )
             used = variant.dtype == chosen.dtype
-            rows.append(ModelRow(name, dtype_name(variant.dtype), measured, flops, used))
+            split = time_split(variant, pixels, mask) if model.device.type == "cpu" else {}
+            frames = pixels.shape[0] * pixels.shape[1]
+            rows.append(ModelRow(name, dtype_name(variant.dtype), measured, flops, used, split, frames))
             print(
                 f"{name} {rows[-1].dtype}: {rows[-1].frames_per_s:.1f} frames/s, {rows[-1].ratio:.0%} of floor",
                 file=sys.stderr,
@@ -578,6 +621,7 @@ def report_models(rows: list[ModelRow], counted: float, threads: int, device: st
             f"| {r.floor_frames_per_s:.1f} | {r.frames_per_s:.1f} | {r.ratio:.0%} "
             f"| {r.measured.burst_ratio:.0%} |"
         )
+    lines += report_split(rows)
     by_key = {(r.name, r.dtype): r for r in rows}
     lines.append("")
     for dtype in dict.fromkeys(r.dtype for r in rows):
@@ -585,6 +629,26 @@ def report_models(rows: list[ModelRow], counted: float, threads: int, device: st
         if backbone and ts2:
             overhead = backbone.frames_per_s / ts2.frames_per_s - 1
             lines.append(f"TS2-Net forward, {dtype}: {overhead:+.0%} time per frame over the plain backbone.")
+    return lines
+
+
+def report_split(rows: list[ModelRow]) -> list[str]:
+    rows = [r for r in rows if r.split]
+    if not rows:
+        return []
+    kinds = [*OP_KINDS, OTHER_WORK]
+    lines = [
+        "",
+        "Where a batch's time goes (torch profiler, own time of each op, ms per batch, after the batches above); "
+        "cap: the ratio if the matrix products ran at the GEMM rate above and the rest took what it took here "
+        "(the packed bf16 products include the MLP's activation, fused into them, so its cap is generous).",
+        "",
+        f"| model | dtype | {' | '.join(kinds)} | cap |",
+        "|---|---|" + "---:|" * (len(kinds) + 1),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r.split[k] * 1e3:.0f}" for k in kinds)
+        lines.append(f"| {r.name} | {r.dtype} | {cells} | {r.ratio_cap:.0%} |")
     return lines
 
 
@@ -644,7 +708,7 @@ class DeviceResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "comparison": dataclasses.asdict(self.comparison) | {"ratios": self.comparison.ratios},
-            "models": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in self.rows],
+            "models": [dataclasses.asdict(r) | {"ratio": r.ratio, "ratio_cap": r.ratio_cap} for r in self.rows],
             "flops_counted": self.flops_counted,
         }
 
