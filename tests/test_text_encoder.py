@@ -158,6 +158,26 @@ def test_a_forked_child_gets_helper_threads_of_its_own():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_fork_during_a_tokenizer_build_does_not_lock_the_child():
+    import time
+
+    from ts2cli import tokenizer
+
+    tokenizer._tokenizer()
+    with tokenizer._building:  # as if a background build were under way when the fork comes
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if tokenizer._tokenizer() is not None else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+
+
 def test_threads_share_the_products_and_give_the_same_vectors(indexed, monkeypatch):
     import dataclasses
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import importlib.util
+import os
 import sys
 import threading
 import types
@@ -58,6 +59,16 @@ def _clip_tokenizer_module() -> types.ModuleType:
 
 
 _building = threading.Lock()
+
+
+def _unlock_after_fork() -> None:
+    # A fork taken while a background build held the lock would leave it held for good in the child.
+    global _building
+    _building = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def prepare_in_background() -> threading.Thread:
