@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ts2cli import indexer
+from ts2cli.cores import available_cores
 from ts2cli.decode import sample_frames
 from ts2cli.indexer import IndexOptions, IndexSummary, index_folders, thread_plan
 from ts2cli.model import LoadedModel, ModelOptions, load_model
@@ -749,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = sorted(folder.iterdir())
     # Decoding every video once also brings the files into the page cache before anything is timed.
     videos = [sample_frames(p).frames for p in paths]
-    print(f"{len(paths)} videos, {indexer.available_cores()} cores", file=sys.stderr)
+    print(f"{len(paths)} videos, {available_cores()} cores", file=sys.stderr)
 
     model = load(weights, "cpu")
     cpu = run_device(model, folder, weights, args.workdir, repeats, videos)
@@ -762,7 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     sections.append(report_gpu(gpu.comparison if gpu else None))
     if args.sweep:
         settle_precision(model, videos[:2])
-        rows = sweep(folder, model, args.workdir, repeats, sweep_choices(model, indexer.available_cores()))
+        rows = sweep(folder, model, args.workdir, repeats, sweep_choices(model, available_cores()))
         sections.append(report_sweep(rows, len(paths)))
         raw["sweep"] = [{"label": r.label, "timings": [dataclasses.asdict(t) for t in r.timings]} for r in rows]
     print("\n\n".join("\n".join(lines) for lines in sections))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import text_encoder
+from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .model import LoadedModel
 from .scan import check_roots, fingerprint, scan_videos
@@ -182,13 +183,6 @@ class ThreadPlan:
     """Threads each running a model batch."""
     torch_threads: int
     """torch intra-op threads per model worker."""
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours taskset and container CPU sets
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # Decoding 12 frames costs a fifth to a third of what the model costs per video on the CPU (640x360 H.264,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import tokenizer
+from .cores import available_cores
 from .store import DB_FILE, Library, same_model
 from .tokenizer import encode
 
@@ -43,7 +44,7 @@ _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "l
 
 def default_threads() -> int:
     """One thread per core this process may use, up to ``MAX_THREADS``."""
-    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    return max(1, min(MAX_THREADS, available_cores()))
 
 
 @dataclass(frozen=True)
