@@ -180,6 +180,13 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
     paths = run_ts2("search", "a cat on a sofa", "--library", library, "--paths", "--limit", "4", "--device", "cpu")
     assert paths.stdout.splitlines() == [item["path"] for item in data["results"]]
 
+    # a filter that leaves nothing says which, on stderr; the output stays valid (empty) for scripts
+    nowhere = run_ts2("search", "a cat", "--library", library, "--in", str(tmp_path / "elsewhere"), "--json")
+    assert nowhere.returncode == 0 and json.loads(nowhere.stdout)["results"] == []
+    assert f"No indexed videos under {tmp_path / 'elsewhere'}" in nowhere.stderr
+    too_high = run_ts2("search", "a cat", "--library", library, "--min-score", "2", "--paths")
+    assert too_high.returncode == 0 and too_high.stdout == "" and "No video scored 2 or more" in too_high.stderr
+
     empty = run_ts2("search", "", "--library", library)
     missing = run_ts2("search", "x", "--library", str(tmp_path / "none"))
     for failed, words in ((empty, "empty"), (missing, "No library")):

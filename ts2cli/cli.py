@@ -202,7 +202,7 @@ def search_command(
 ) -> None:
     """Find the videos that best match QUERY (or --like VIDEO), with the moment that matched."""
     from .report import results_table, search_json
-    from .search import SearchOptions, library_eps, rank, require_searchable
+    from .search import SearchOptions, library_eps, rank, require_searchable, why_nothing_matched
     from .store import Library
 
     if (query is None) == (like is None):
@@ -215,8 +215,10 @@ def search_command(
             chosen = model_options(model or "ViT-B-32", pretrained or "openai", checkpoint, device, "fixed")
         query_text, vector, exclude, notes, identity = _query_vector(lib, query, like, chosen, device)
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
+        if not hits and (reason := why_nothing_matched(lib, options)):
+            notes.append(reason)
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
     if as_json:
         print_json(search_json(query_text, identity, hits))
     elif paths:

@@ -276,6 +276,15 @@ def library_eps(library: Library) -> float | None:
     return None if model.get("compat") == "official" else 1e-12
 
 
+def why_nothing_matched(library: Library, options: SearchOptions) -> str | None:
+    """The filter that left a search with no results, in words, or None when it is none of them."""
+    if options.within is not None and not library.ids_under(options.within):
+        return f"No indexed videos under {options.within}."
+    if options.min_score is not None:
+        return f"No video scored {options.min_score:g} or more."
+    return None
+
+
 def require_searchable(library: Library) -> None:
     if library.count_ok() == 0:
         raise Ts2Error(f"The library at {library.directory} has no indexed videos yet; run `ts2 index FOLDER` first.")
