@@ -22,10 +22,9 @@ def player_command(path: Path, start: float, *, platform: str = sys.platform) ->
     """The first available player, with a start time where the player takes one; None on Windows without one,
     where the file's default application opens it (``os.startfile``)."""
     seconds = f"{max(start, 0.0):.2f}"
-    vlc = shutil.which("vlc") or next((p for p in VLC_APP_PATHS.get(platform, ()) if os.path.isfile(p)), None)
     if shutil.which("mpv"):
         return ["mpv", f"--start={seconds}", str(path)]
-    if vlc:
+    if vlc := _vlc(platform):
         return [vlc, f"--start-time={seconds}", str(path)]
     if shutil.which("ffplay"):
         return ["ffplay", "-ss", seconds, "-autoexit", str(path)]
@@ -35,6 +34,10 @@ def player_command(path: Path, start: float, *, platform: str = sys.platform) ->
     if shutil.which(opener):
         return [opener, str(path)]  # the desktop's default player cannot be told where to start
     raise Ts2Error(f"No video player found (tried mpv, vlc, ffplay, {opener}); install one to use --open.")
+
+
+def _vlc(platform: str) -> str | None:
+    return shutil.which("vlc") or next((p for p in VLC_APP_PATHS.get(platform, ()) if os.path.isfile(p)), None)
 
 
 def open_at(path: Path, start: float) -> None:
