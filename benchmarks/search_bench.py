@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -437,7 +436,7 @@ def measure_candidates(
 # ---------------------------------------------------------------------- cold start
 
 # Runs what `ts2 search QUERY --library DIR --json` runs, in order, timing each phase (JSON on stdout): the
-# library's numpy text encoder, no torch. load_text_encoder starts building the tokenizer on a thread of its own;
+# library's ONNX text encoder, no torch. load_text_encoder starts building the tokenizer on a thread of its own;
 # "tokenizer wait" is what is left of that build afterwards, timed apart from the first encoding.
 COLD_HELPER = """
 import time
@@ -496,6 +495,7 @@ IMPORT_PROBES = (
     ("import torch, open_clip", "import torch, open_clip"),
     ("import torch, torchvision", "import torch, torchvision"),
     ("import av", "import av"),
+    ("import onnxruntime", "import onnxruntime"),
     ("import ts2cli.cli (typer, rich)", "import ts2cli.cli"),
 )
 IMPORTTIME_MODULES = (
@@ -509,6 +509,7 @@ IMPORTTIME_MODULES = (
     "ts2cli.decode",
     "ts2cli.model",
     "safetensors",
+    "onnxruntime",
     "open_clip",
     "torchvision",
     "torch._dynamo",
@@ -520,7 +521,7 @@ IMPORTTIME_MODULES = (
 @dataclass
 class ColdResult:
     wall: list[float] = field(default_factory=list)
-    """`ts2 search` end to end, per run (the numpy text encoder: what a user's search runs)."""
+    """`ts2 search` end to end, per run (the ONNX text encoder: what a user's search runs)."""
     wall_torch: list[float] = field(default_factory=list)
     """`ts2 search --model ... --pretrained ...`, which loads the text tower with torch."""
     wall_without_bytecode: list[float] = field(default_factory=list)
@@ -762,15 +763,16 @@ def main() -> None:
     }
     if use_model:
         # As `ts2 search` does: the first search loads the text tower with torch (bf16 on a CPU with native bf16)
-        # and exports it for the numpy encoder that later searches use.
+        # and exports it for the ONNX Runtime encoder that later searches use.
         with Library.open(libraries["clustered"]) as library:
             torch_model = load_library_model(library, None, device="cpu", text_only=True)
-            numpy_model = load_text_encoder(library)
-        assert numpy_model is not None, "the library did not get a text encoder export"
-        threads = numpy_model.threads
-        encoders = {f"numpy, float16 weights, {threads} thread{'s' * (threads > 1)} (ts2 search)": numpy_model}
-        if threads > 1:
-            encoders["numpy, float16 weights, 1 thread"] = dataclasses.replace(numpy_model, threads=1)
+            onnx_model = load_text_encoder(library)
+            assert onnx_model is not None, "the library did not get a text encoder export"
+            threads = onnx_model.threads
+            name = f"ONNX Runtime, float16 weights, {threads} thread{'s' * (threads > 1)} (ts2 search)"
+            encoders: dict[str, TextModel] = {name: onnx_model}
+            if threads > 1 and (alone := load_text_encoder(library, threads=1)) is not None:
+                encoders["ONNX Runtime, float16 weights, 1 thread"] = alone
         torch_name = f"torch, {str(torch_model.dtype or torch.float32).removeprefix('torch.')}, 1 thread"
         encoders |= {torch_name: torch_model, "torch, float32 (reference)": model}
         run.text_encoders = compare_text_encoders(encoders, args.text_queries)

@@ -1,4 +1,4 @@
-"""The torch-free query path: CLIP's tokenizer without torch, the library's numpy copy of its text tower, numpy
+"""The torch-free query path: CLIP's tokenizer without torch, the library's ONNX copy of its text tower, numpy
 re-ranking, and a `ts2 search` that never imports torch."""
 
 from __future__ import annotations
@@ -127,37 +127,6 @@ def test_index_exports_a_text_encoder_that_gives_the_torch_query_vectors(indexed
     assert vector.shape == (model.embed_dim,) and "first 30 tokens" in notes[0]
 
 
-def test_shared_product_is_whole_with_late_or_missing_helpers():
-    rng = np.random.default_rng(0)
-    weight, columns = rng.standard_normal((300, 24), dtype=np.float32), rng.standard_normal((24, 5), dtype=np.float32)
-    expected = weight @ columns
-    alone = text_encoder._SharedProduct(weight, columns)
-    np.testing.assert_allclose(alone.compute(), expected, rtol=1e-5, atol=1e-5)
-    assert alone.blocks == 3
-
-    # A helper takes a block and stalls (a descheduled vCPU): the caller computes that block itself, into an
-    # array the helper's late write does not reach.
-    stalled = text_encoder._SharedProduct(weight, columns)
-    taken = stalled._take(helper=True)
-    out = stalled.compute()
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    stalled._multiply(taken, np.full_like(stalled.out, np.nan))
-    stalled.out[:] = np.nan  # what a late helper could still write into
-    assert not np.isnan(out).any()
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_forked_child_gets_helper_threads_of_its_own():
-    parent_pool = text_encoder._helper_pool(1)
-    assert parent_pool.submit(lambda: 1).result(timeout=10) == 1  # its thread is running when the fork comes
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's pool thread does not exist here
-        pool = text_encoder._helper_pool(1)
-        os._exit(0 if pool is not parent_pool and pool.submit(lambda: 42).result(timeout=10) == 42 else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_fork_during_a_tokenizer_build_does_not_lock_the_child():
     import time
@@ -178,32 +147,40 @@ def test_a_fork_during_a_tokenizer_build_does_not_lock_the_child():
     assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
 
 
-def test_threads_share_the_products_and_give_the_same_vectors(indexed, monkeypatch):
-    import dataclasses
-
-    monkeypatch.setattr(text_encoder, "BLOCK_ROWS", 8)  # the tiny tower's 64-row weights then span several blocks
+def test_one_thread_gives_the_vectors_of_two(indexed):
     with Library.open(indexed[0] / "lib") as lib:
-        encoder = text_encoder.load_text_encoder(lib)
-    alone, _ = dataclasses.replace(encoder, threads=1).encode_texts(TEXTS[:3])
-    shared, _ = dataclasses.replace(encoder, threads=3).encode_texts(TEXTS[:3])
-    np.testing.assert_array_equal(shared, alone)  # the same block products, computed on other threads
+        alone, shared = (text_encoder.load_text_encoder(lib, threads=n) for n in (1, 2))
+    assert alone is not None and shared is not None and (alone.threads, shared.threads) == (1, 2)
+    np.testing.assert_allclose(shared.encode_texts(TEXTS)[0], alone.encode_texts(TEXTS)[0], rtol=1e-5, atol=1e-6)
     assert 1 <= text_encoder.default_threads() <= text_encoder.MAX_THREADS
 
 
 def test_an_export_for_another_model_is_not_used(indexed):
+    import onnx
+
     root, _ = indexed
     path = root / "lib" / text_encoder.FILE_NAME
-    from safetensors.numpy import load_file, safe_open, save_file
-
-    with safe_open(str(path), framework="np") as handle:
-        meta = handle.metadata()
-    identity = json.loads(meta["identity"]) | {"frames": 12}
-    save_file(load_file(str(path)), str(path), metadata=meta | {"identity": json.dumps(identity)})
+    exported = onnx.load(str(path))
+    props = {p.key: p.value for p in exported.metadata_props}
+    identity = json.loads(props["identity"]) | {"frames": 12}
+    onnx.helper.set_model_props(exported, props | {"identity": json.dumps(identity)})
+    onnx.save_model(exported, str(path))
     with Library.open(root / "lib") as lib:
         assert text_encoder.load_text_encoder(lib) is None and not text_encoder.is_current(lib)
-    path.write_bytes(b"not a safetensors file")
+    path.write_bytes(b"not an ONNX file")
     with Library.open(root / "lib") as lib:
-        assert text_encoder.load_text_encoder(lib) is None
+        assert text_encoder.load_text_encoder(lib) is None and not text_encoder.is_current(lib)
+
+
+def test_writing_the_copy_removes_an_older_ts2s_copy(indexed):
+    root, options = indexed
+    old = root / "lib" / "text-encoder.safetensors"
+    old.write_bytes(b"numpy-era copy")
+    (root / "lib" / text_encoder.FILE_NAME).unlink()
+    with Library.open(root / "lib", write=True) as lib:
+        assert text_encoder.save_text_encoder(lib, load_model(options, text_only=True))
+        assert text_encoder.is_current(lib)
+    assert not old.exists()
 
 
 SEARCH_AND_REPORT = """

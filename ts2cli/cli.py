@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-# numpy's OpenBLAS spreads even the 9-row products of a text query over every core, and on a busy machine its
-# threads wait on each other: on the 2-core test machine a query took about 1 s with two threads and 75 ms with
-# one (benchmarks/search_bench.py); the text encoder shares its products between threads of its own instead
-# (text_encoder.py). Set before numpy is first imported; a user's own setting wins.
+# numpy's OpenBLAS spreads even small products (the re-rank's) over every core, and on a busy machine its threads
+# wait on each other: on the 2-core test machine a query encoded with numpy products (before text_encoder.py moved
+# to ONNX Runtime) took about 1 s with two OpenBLAS threads and 75 ms with one (docs/benchmarks.md, Search).
+# Set before numpy is first imported; a user's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
@@ -237,7 +237,7 @@ def _query_vector(lib, query, like, chosen, device):
     from .text_encoder import load_text_encoder
 
     if query is not None:
-        # The library's numpy copy of its text tower answers without importing torch; a model given on the
+        # The library's ONNX copy of its text tower answers without importing torch; a model given on the
         # command line (or a library without the copy) goes through torch.
         encoder = load_text_encoder(lib) if chosen is None and device in ("auto", "cpu") else None
         model = encoder or load_library_model(lib, chosen, device=device, text_only=True)

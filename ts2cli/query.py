@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text searc
 
 
 class TextModel(Protocol):
-    """What encodes a query: the torch model (``LoadedModel``) or the library's numpy copy (``TextEncoder``)."""
+    """What encodes a query: the torch model (``LoadedModel``) or the library's ONNX copy (``TextEncoder``)."""
 
     @property
     def words(self) -> int: ...

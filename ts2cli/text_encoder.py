@@ -1,10 +1,15 @@
-"""The library's text encoder in numpy, so that ``ts2 search`` answers without importing torch.
+"""The library's text encoder on ONNX Runtime, so that ``ts2 search`` answers without importing torch.
 
 Importing torch takes 2-4 s on the test machine, more than everything else a text search does. The library
-therefore keeps a copy of its model's text tower (``text-encoder.safetensors``, float16, written by ``ts2 index``
-and by the first search that loads the model with torch) and ``ts2 search`` runs it here: CLIP's causal
+therefore keeps a copy of its model's text tower (``text-encoder.onnx``, float16 weights, written by ``ts2 index``
+and by the first search that loads the model with torch) and ``ts2 search`` runs it on ONNX Runtime: CLIP's causal
 transformer over the query's tokens, the EOT token's features, the text projection. Only OpenAI-style text towers
 with QuickGELU are exported (what TS2-Net is built on); any other model is searched through torch as before.
+
+Why ONNX Runtime: a query is a handful of tokens, so each of the tower's weight products is a skinny one, and the
+time goes into reading 151 MB of fp32 weights. ONNX Runtime repacks each weight once, when the session is made,
+and its skinny products then run near the rate at which the weights can be read: 15-16 ms for a 10-12 token query
+on two threads of the test machine, where numpy's OpenBLAS took 33-41 ms (docs/benchmarks.md, Search).
 
 The copy is used only when the identity it records equals the library's model, so it can never answer for
 another model; tests check that its query vectors match the torch model's.
@@ -15,13 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,14 +31,21 @@ from .cores import available_cores
 from .store import DB_FILE, Library, same_model
 from .tokenizer import encode
 
-FILE_NAME = "text-encoder.safetensors"
-FORMAT = "ts2-text/1"
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+FILE_NAME = "text-encoder.onnx"
+OLD_FILE_NAMES = ("text-encoder.safetensors",)
+"""Copies written by earlier versions of ts2 (numpy's): removed when a new copy is written."""
+FORMAT = "ts2-text/2"
+OPSET = 17
+"""The first opset with LayerNormalization; with IR version 8 any ONNX Runtime from 1.14 on can load it."""
+IR_VERSION = 8
 LAYER_NORM_EPS = 1e-5
-BLOCK_ROWS = 128
-"""Weight rows per matrix product (32 to 128 were equally fast here; 256 and whole weights slower)."""
+QUICK_GELU_SCALE = 1.702
 MAX_THREADS = 2
-"""Threads sharing each product's weight blocks. On the 2-core test machine two took 0.74-0.82× the time of one per
-query in 13 paired runs with the second vCPU free, 1.05-1.09× while another program kept it busy
+"""Threads for ONNX Runtime's products. On the 2-core test machine two took 0.6-0.7× the time of one per query
 (docs/benchmarks.md, Search); more threads were never measured."""
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -49,186 +57,85 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """CLIP's text tower as float32 arrays; ``encode_texts`` gives the query vectors the torch model would."""
+    """CLIP's text tower in an ONNX Runtime session; ``encode_texts`` gives the query vectors the torch model would."""
 
-    weights: dict[str, np.ndarray]
-    heads: int
-    layers: int
+    session: onnxruntime.InferenceSession
     words: int
     identity: dict[str, Any]
-    threads: int = field(default_factory=default_threads)
+    threads: int
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         """(B, D) float32 text features and, per text, whether it was cut to the context length."""
         tokens = encode(texts, self.words)
-        ids = tokens.ids
-        eot = ids.argmax(axis=1)
+        eot = tokens.ids.argmax(axis=1)
         length = int(eot.max()) + 1  # the causal mask makes later positions irrelevant (as in TS2Net.encode_text)
-        w = self.weights
-        x = w["token_embedding.weight"][ids[:, :length]].astype(np.float32) + w["positional_embedding"][:length]
-        mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
-        for layer in range(self.layers - 1):
-            x = self._block(x, f"transformer.resblocks.{layer}.", mask)
-        # Only the EOT token's output is used: the last block needs every token's keys and values, but the
-        # rest of its work (three quarters of its weights' products) only for that token.
-        x = self._block(x, f"transformer.resblocks.{self.layers - 1}.", mask, rows=eot)[:, 0]
-        x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
-        return x @ w["text_projection"], tokens.truncated
-
-    def _block(self, x: np.ndarray, prefix: str, mask: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """One residual attention block over (B, L, W); with ``rows`` (B,), only those positions' outputs (B, 1, W)."""
-        w = self.weights
-        batch, _, width = x.shape
-        head = width // self.heads
-        y = _layer_norm(x, w[prefix + "ln_1.weight"], w[prefix + "ln_1.bias"])
-        qkv = self._linear(y, prefix + "attn.in_proj_")
-        q, k, v = (part.reshape(batch, -1, self.heads, head).transpose(0, 2, 1, 3) for part in np.split(qkv, 3, -1))
-        if rows is not None:
-            picked = np.arange(batch), rows
-            x, q, mask = x[picked][:, None], q[picked[0], :, rows][:, :, None], mask[rows][:, None, None]
-        scores = q @ k.transpose(0, 1, 3, 2) * head**-0.5 + mask
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        attended = (scores / scores.sum(-1, keepdims=True)) @ v
-        attended = attended.transpose(0, 2, 1, 3).reshape(x.shape)
-        x = x + self._linear(attended, prefix + "attn.out_proj.")
-        y = _layer_norm(x, w[prefix + "ln_2.weight"], w[prefix + "ln_2.bias"])
-        y = self._linear(y, prefix + "mlp.c_fc.")
-        y = y / (1.0 + np.exp(-1.702 * y))  # QuickGELU: y · sigmoid(1.702 y)
-        return x + self._linear(y, prefix + "mlp.c_proj.")
-
-    def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        """``x @ weight.T + bias`` for a few rows, computed as ``weight @ x.T`` over blocks of ``BLOCK_ROWS`` rows of
-        the weight: the time goes into reading the weight, and OpenBLAS reads it 30% faster that way round and
-        17% faster again in blocks (it copies a large operand into its own layout first; small blocks presumably
-        take its small-matrix path instead; docs/benchmarks.md, Search). The blocks are shared between
-        ``threads`` threads (numpy lets go of the GIL inside a product; each runs one OpenBLAS thread, whose own
-        threading spins and stalls on a busy machine: see ts2cli/cli.py), as ``_SharedProduct`` describes."""
-        weight, bias = self.weights[prefix + "weight"], self.weights[prefix + "bias"]
-        product = _SharedProduct(weight, np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T))
-        for _ in range(min(self.threads, product.blocks) - 1):
-            _helper_pool(self.threads - 1).submit(product.help)
-        out = product.compute()
-        # C order: the small operations between the products take 2-3× longer on transposed arrays
-        return np.add(out.T, bias, order="C").reshape(*x.shape[:-1], weight.shape[0])
-
-
-class _SharedProduct:
-    """``weight @ columns`` in blocks of ``BLOCK_ROWS`` weight rows, handed out one at a time to whichever thread
-    asks first, so that a thread slowed down by other programs takes fewer of them.
-
-    The calling thread waits for a helper's last block no longer than it took for two blocks of its own; then it
-    computes the missing blocks itself, into a copy the helper does not write to. On the shared test VM the
-    second vCPU sometimes stalled for milliseconds without any steal time showing, and an earlier version that
-    waited for it ran some queries 2.5× slower than one thread (docs/benchmarks.md, Search).
-    """
-
-    def __init__(self, weight: np.ndarray, columns: np.ndarray) -> None:
-        self.weight, self.columns = weight, columns
-        self.out = np.empty((weight.shape[0], columns.shape[1]), dtype=np.float32)
-        self.blocks = -(-weight.shape[0] // BLOCK_ROWS)
-        self._starts = iter(range(0, weight.shape[0], BLOCK_ROWS))
-        self._unfinished: set[int] = set()
-        """Blocks a helper took and has not finished."""
-        self._finished = threading.Condition()
-
-    def compute(self) -> np.ndarray:
-        """The product, computed by the calling thread with whatever help it gets."""
-        began, done = time.perf_counter(), 0
-        while (start := self._take(helper=False)) is not None:
-            self._multiply(start, self.out)
-            done += 1
-        patience = 2 * (time.perf_counter() - began) / max(done, 1)
-        with self._finished:
-            self._finished.wait_for(lambda: not self._unfinished, timeout=patience)
-            late = sorted(self._unfinished)
-        if not late:
-            return self.out
-        out = self.out.copy()
-        for start in late:
-            self._multiply(start, out)
-        return out
-
-    def help(self) -> None:
-        """Compute blocks until none is left (run on helper threads)."""
-        while (start := self._take(helper=True)) is not None:
-            self._multiply(start, self.out)
-            with self._finished:
-                self._unfinished.discard(start)
-                if not self._unfinished:
-                    self._finished.notify_all()
-
-    def _take(self, *, helper: bool) -> int | None:
-        with self._finished:
-            start = next(self._starts, None)
-            if helper and start is not None:
-                self._unfinished.add(start)
-            return start
-
-    def _multiply(self, start: int, out: np.ndarray) -> None:
-        np.matmul(self.weight[start : start + BLOCK_ROWS], self.columns, out=out[start : start + BLOCK_ROWS])
-
-
-@cache
-def _helper_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ts2-text")
-
-
-if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads: it makes its own pool
-    os.register_at_fork(after_in_child=_helper_pool.cache_clear)
-
-
-def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    width = x.shape[-1]
-    centred = x - np.add.reduce(x, -1, keepdims=True) / width
-    variance = np.add.reduce(centred * centred, -1, keepdims=True) / width
-    centred /= np.sqrt(variance + LAYER_NORM_EPS)
-    centred *= weight
-    centred += bias
-    return centred
+        inputs = {
+            "ids": np.ascontiguousarray(tokens.ids[:, :length], dtype=np.int64),
+            "eot": eot.astype(np.int64)[:, None],
+            "mask": np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1),
+        }
+        (features,) = self.session.run(None, inputs)
+        return features, tokens.truncated
 
 
 def path_for(library: Library) -> Path:
     return library.directory / FILE_NAME
 
 
-def load_text_encoder(library: Library) -> TextEncoder | None:
-    """The library's exported text encoder, or None when there is none for the library's current model."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    meta = _current_metadata(library)
-    if meta is None:
+def load_text_encoder(library: Library, threads: int | None = None) -> TextEncoder | None:
+    """The library's exported text encoder, or None when there is none for the library's current model (or ONNX
+    Runtime is not installed)."""
+    stored, path = library.model_config(), path_for(library)
+    if stored is None or not path.is_file():
         return None
-    tokenizer.prepare_in_background()  # Python work, overlapping the weights' reading and widening (no GIL)
-    try:
-        # The token table stays float16: a query reads a few of its rows.
-        arrays = load_file(str(path_for(library)))
-        weights = {k: v if k.startswith("token_") else v.astype(np.float32) for k, v in arrays.items()}
-        identity = json.loads(meta["identity"])
-        return TextEncoder(weights, int(meta["heads"]), int(meta["layers"]), int(meta["words"]), identity)
-    except (OSError, KeyError, ValueError, SafetensorError):
-        return None  # unreadable or from another ts2: the torch path answers, and rewrites it
+    tokenizer.prepare_in_background()  # Python work, overlapping the session's set-up (which lets go of the GIL)
+    threads = threads or default_threads()
+    session = _open_session(path, threads)
+    if session is None:
+        return None
+    meta = session.get_modelmeta().custom_metadata_map
+    if not _is_current(meta, stored):
+        return None
+    return TextEncoder(session, int(meta["words"]), json.loads(meta["identity"]), threads)
 
 
 def is_current(library: Library) -> bool:
     """Whether the library holds an exported text encoder for its current model."""
-    return _current_metadata(library) is not None
-
-
-def _current_metadata(library: Library) -> dict[str, str] | None:
-    from safetensors import SafetensorError
-    from safetensors.numpy import safe_open
-
-    path, stored = path_for(library), library.model_config()
+    stored, path = library.model_config(), path_for(library)
     if stored is None or not path.is_file():
-        return None
+        return False
+    session = _open_session(path, threads=1, optimize=False)
+    return session is not None and _is_current(session.get_modelmeta().custom_metadata_map, stored)
+
+
+def _open_session(path: Path, threads: int, *, optimize: bool = True) -> onnxruntime.InferenceSession | None:
+    """A session on the exported file, or None if ONNX Runtime is missing or cannot read it (the torch path then
+    answers, and rewrites the file)."""
     try:
-        with safe_open(str(path), framework="np") as handle:
-            meta = handle.metadata() or {}
-        current = meta.get("format") == FORMAT and same_model(json.loads(meta["identity"]), stored)
-    except (OSError, KeyError, ValueError, SafetensorError):
+        import onnxruntime
+    except ImportError:
         return None
-    return meta if current else None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Waiting threads sleep instead of spinning: a search is over in milliseconds, and spinning threads only take
+    # the core from the rest of the query (and from other programs).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings are about ONNX Runtime itself, not the query
+    if not optimize:  # enough to read the metadata
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception:  # ONNX Runtime raises one class per status code (a bad file, an unknown opset...), all bare
+        return None
+
+
+def _is_current(meta: dict[str, str], stored: dict[str, Any]) -> bool:
+    try:
+        current = meta.get("format") == FORMAT and meta.get("words", "").isdigit()
+        return current and same_model(json.loads(meta["identity"]), stored)
+    except (KeyError, ValueError):
+        return False
 
 
 def exportable(loaded: Any) -> bool:
@@ -242,35 +149,142 @@ def exportable(loaded: Any) -> bool:
 def save_text_encoder(library: Library, loaded: Any) -> bool:
     """Write the text tower of ``loaded`` (fp32 weights, before any bf16 cast) for torch-free searches; returns
     whether it was written. Replaces the file atomically, so a search never reads half of it."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-
     if not exportable(loaded) or (loaded.dtype is not None and loaded.device.type == "cpu"):
         return False
-    clip = loaded.net.clip
+    try:
+        import onnx
+    except ImportError:
+        return False
     state = {
-        key: tensor.detach().float().cpu().numpy().astype(np.float16)
-        for key, tensor in clip.state_dict().items()
+        key: tensor.detach().float().cpu().numpy()
+        for key, tensor in loaded.net.clip.state_dict().items()
         if key.startswith(_TEXT_PREFIXES)
     }
     text_cfg = (loaded.config.backbone_cfg or {}).get("text_cfg", {})
     meta = {
         "format": FORMAT,
         "identity": json.dumps(loaded.identity, sort_keys=True),
-        "heads": str(text_cfg.get("heads", 8)),
-        "layers": str(text_cfg.get("layers", 12)),
         "words": str(loaded.config.words),
     }
+    graph = text_tower_graph(state, heads=text_cfg.get("heads", 8), layers=text_cfg.get("layers", 12), meta=meta)
     path = path_for(library)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, str(temporary), metadata=meta)
-        # readable by whoever can read the library (safetensors creates files private to their owner)
+        onnx.save_model(graph, str(temporary))
+        # readable by whoever can read the library (written like the database, whatever the umask)
         os.chmod(temporary, (library.directory / DB_FILE).stat().st_mode & 0o666)
         os.replace(temporary, path)
-    except (OSError, SafetensorError):
+        for old in OLD_FILE_NAMES:
+            with contextlib.suppress(OSError):
+                (library.directory / old).unlink()
+    except (OSError, ValueError):
         return False  # a read-only or full disk: searches still work, through torch
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
     return True
+
+
+def text_tower_graph(state: dict[str, np.ndarray], heads: int, layers: int, meta: dict[str, str]) -> onnx.ModelProto:
+    """CLIP's text tower as an ONNX model, from its open_clip state dict (float32 arrays).
+
+    Inputs: ``ids`` (B, L) token ids up to the last EOT, ``eot`` (B, 1) each text's EOT position, ``mask`` (L, L)
+    the additive causal mask. Output: ``features`` (B, D). Weights are stored as float16 and widened once when a
+    session is made (its constant folding), so the file is half the size and the products run in float32.
+    """
+    from onnx import TensorProto, helper
+
+    graph = _GraphBuilder()
+    table = graph.constant("token_embedding.weight", state["token_embedding.weight"].astype(np.float16))
+    x = graph.op("Cast", graph.op("Gather", table, "ids"), to=TensorProto.FLOAT)
+    length = graph.op("Shape", "ids", start=1, end=2)
+    positions = graph.op("Slice", graph.weight("positional_embedding", state), graph.ints("zero", [0]), length)
+    x = graph.op("Add", x, positions)
+    width = state["positional_embedding"].shape[1]
+    head_width = width // heads
+    for layer in range(layers):
+        prefix = f"transformer.resblocks.{layer}."
+        y = graph.layer_norm(x, prefix + "ln_1.", state)
+        qkv = graph.linear(y, prefix + "attn.in_proj_", state)
+        split = graph.op("Reshape", qkv, graph.ints("qkv_shape", [0, 0, 3, heads, head_width]))
+        split = graph.op("Transpose", split, perm=[2, 0, 3, 1, 4])  # (3, B, heads, L, head width)
+        q, k, v = (graph.op("Gather", split, graph.ints(f"part{i}", i), axis=0) for i in range(3))
+        scores = graph.op("MatMul", q, graph.op("Transpose", k, perm=[0, 1, 3, 2]))
+        scale = graph.floats("scale", head_width**-0.5)
+        scores = graph.op("Add", graph.op("Mul", scores, scale), "mask")
+        attended = graph.op("MatMul", graph.op("Softmax", scores, axis=-1), v)
+        attended = graph.op("Transpose", attended, perm=[0, 2, 1, 3])
+        attended = graph.op("Reshape", attended, graph.ints("width_shape", [0, 0, width]))
+        if layer == layers - 1:
+            # Only the EOT token's output is used: the last block needs every token's keys and values, but the
+            # rest of its work (three quarters of its weights' products) only for that token.
+            x, attended = (graph.op("GatherND", t, "eot", batch_dims=1) for t in (x, attended))
+        x = graph.op("Add", x, graph.linear(attended, prefix + "attn.out_proj.", state))
+        hidden = graph.linear(graph.layer_norm(x, prefix + "ln_2.", state), prefix + "mlp.c_fc.", state)
+        gate = graph.op("Sigmoid", graph.op("Mul", hidden, graph.floats("quick_gelu", QUICK_GELU_SCALE)))
+        x = graph.op("Add", x, graph.linear(graph.op("Mul", hidden, gate), prefix + "mlp.c_proj.", state))
+    x = graph.layer_norm(x, "ln_final.", state)
+    graph.op("MatMul", x, graph.weight("text_projection", state), output="features")
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["texts", "tokens"]),
+        helper.make_tensor_value_info("eot", TensorProto.INT64, ["texts", 1]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["tokens", "tokens"]),
+    ]
+    dim = state["text_projection"].shape[1]
+    outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["texts", dim])]
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "clip_text_tower", inputs, outputs, graph.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="ts2",
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, meta)
+    return model
+
+
+class _GraphBuilder:
+    """Nodes and initializers of an ONNX graph, each node's output named after a counter."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._names: set[str] = set()
+
+    def op(self, op_type: str, *inputs: str, output: str | None = None, **attributes: Any) -> str:
+        from onnx import helper
+
+        output = output or f"{op_type.lower()}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], **attributes))
+        return output
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        """An initializer (named once, however often it is asked for)."""
+        from onnx import numpy_helper
+
+        if name not in self._names:
+            self._names.add(name)
+            # np.array, not np.ascontiguousarray: that one turns a scalar into a 1-D array
+            self.initializers.append(numpy_helper.from_array(np.array(value, order="C"), name))
+        return name
+
+    def ints(self, name: str, value: int | list[int]) -> str:
+        return self.constant(name, np.array(value, dtype=np.int64))
+
+    def floats(self, name: str, value: float) -> str:
+        return self.constant(name, np.array(value, dtype=np.float32))
+
+    def weight(self, key: str, state: dict[str, np.ndarray], *, transpose: bool = False) -> str:
+        """A weight of the state dict, stored as float16 and widened to float32 in the graph."""
+        from onnx import TensorProto
+
+        value = state[key].T if transpose else state[key]
+        return self.op("Cast", self.constant(key, value.astype(np.float16)), to=TensorProto.FLOAT)
+
+    def linear(self, x: str, prefix: str, state: dict[str, np.ndarray]) -> str:
+        """``x @ weight.T + bias``, the weight stored transposed (ONNX's MatMul takes (in, out))."""
+        product = self.op("MatMul", x, self.weight(prefix + "weight", state, transpose=True))
+        return self.op("Add", product, self.weight(prefix + "bias", state))
+
+    def layer_norm(self, x: str, prefix: str, state: dict[str, np.ndarray]) -> str:
+        scale, bias = self.weight(prefix + "weight", state), self.weight(prefix + "bias", state)
+        return self.op("LayerNormalization", x, scale, bias, axis=-1, epsilon=LAYER_NORM_EPS)
