@@ -45,8 +45,9 @@ IR_VERSION = 8
 LAYER_NORM_EPS = 1e-5
 QUICK_GELU_SCALE = 1.702
 MAX_THREADS = 2
-"""Threads for ONNX Runtime's products. On the 2-core test machine two took 0.6-0.7× the time of one per query
-(docs/benchmarks.md, Search); more threads were never measured."""
+"""Threads for ONNX Runtime's products. On the 2-core test machine two took 0.61-0.70× the time of one per query
+in 7 of 8 paired rounds, 0.95-1.19× while another program kept the second vCPU busy (docs/benchmarks.md, Search);
+more threads were never measured."""
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
