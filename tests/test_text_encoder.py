@@ -172,6 +172,15 @@ def test_an_export_for_another_model_is_not_used(indexed):
         assert text_encoder.load_text_encoder(lib) is None and not text_encoder.is_current(lib)
 
 
+def test_without_onnx_runtime_the_copy_is_neither_read_nor_written(indexed, monkeypatch):
+    root, options = indexed
+    model = load_model(options, text_only=True)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an interpreter without it does: ImportError
+    with Library.open(root / "lib", write=True) as lib:
+        assert text_encoder.load_text_encoder(lib) is None and not text_encoder.is_current(lib)
+        assert not text_encoder.save_text_encoder(lib, model)
+
+
 def test_writing_the_copy_removes_an_older_ts2s_copy(indexed):
     root, options = indexed
     old = root / "lib" / "text-encoder.safetensors"

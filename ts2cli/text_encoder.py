@@ -154,6 +154,7 @@ def save_text_encoder(library: Library, loaded: Any) -> bool:
         return False
     try:
         import onnx
+        import onnxruntime  # noqa: F401  (without it the copy could not be read: not worth writing)
     except ImportError:
         return False
     state = {
