@@ -8,8 +8,9 @@ with QuickGELU are exported (what TS2-Net is built on); any other model is searc
 
 Why ONNX Runtime: a query is a handful of tokens, so each of the tower's weight products is a skinny one, and the
 time goes into reading 151 MB of fp32 weights. ONNX Runtime repacks each weight once, when the session is made,
-and its skinny products then run near the rate at which the weights can be read: 15-16 ms for a 10-12 token query
-on two threads of the test machine, where numpy's OpenBLAS took 33-41 ms (docs/benchmarks.md, Search).
+and a query's skinny products then take about 1.5× one read of the weights on one core (24 against 16.4 ms on
+the test machine), and 15-16 ms for a 10-12 token query on two threads, where numpy's OpenBLAS took 33-41 ms
+(docs/benchmarks.md, Search).
 
 The copy is used only when the identity it records equals the library's model, so it can never answer for
 another model; tests check that its query vectors match the torch model's.
