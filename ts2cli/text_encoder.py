@@ -64,7 +64,10 @@ class TextEncoder:
     session: onnxruntime.InferenceSession
     words: int
     identity: dict[str, Any]
-    threads: int
+
+    @property
+    def threads(self) -> int:
+        return self.session.get_session_options().intra_op_num_threads
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         """(B, D) float32 text features and, per text, whether it was cut to the context length."""
@@ -87,27 +90,32 @@ def path_for(library: Library) -> Path:
 def load_text_encoder(library: Library, threads: int | None = None) -> TextEncoder | None:
     """The library's exported text encoder, or None when there is none for the library's current model (or ONNX
     Runtime is not installed)."""
-    stored, path = library.model_config(), path_for(library)
-    if stored is None or not path.is_file():
-        return None
     tokenizer.prepare_in_background()  # Python work, overlapping the session's set-up (which lets go of the GIL)
-    threads = threads or default_threads()
-    session = _open_session(path, threads)
-    if session is None:
+    found = _current_session(library, threads or default_threads())
+    if found is None:
         return None
-    meta = session.get_modelmeta().custom_metadata_map
-    if not _is_current(meta, stored):
-        return None
-    return TextEncoder(session, int(meta["words"]), json.loads(meta["identity"]), threads)
+    session, meta = found
+    return TextEncoder(session, int(meta["words"]), json.loads(meta["identity"]))
 
 
 def is_current(library: Library) -> bool:
     """Whether the library holds an exported text encoder for its current model."""
+    return _current_session(library, threads=1, optimize=False) is not None
+
+
+def _current_session(
+    library: Library, threads: int, *, optimize: bool = True
+) -> tuple[onnxruntime.InferenceSession, dict[str, str]] | None:
+    """A session on the library's exported file and its metadata, if the file is there, readable and for the
+    library's current model."""
     stored, path = library.model_config(), path_for(library)
     if stored is None or not path.is_file():
-        return False
-    session = _open_session(path, threads=1, optimize=False)
-    return session is not None and _is_current(session.get_modelmeta().custom_metadata_map, stored)
+        return None
+    session = _open_session(path, threads, optimize=optimize)
+    if session is None:
+        return None
+    meta = session.get_modelmeta().custom_metadata_map
+    return (session, meta) if _is_current(meta, stored) else None
 
 
 def _open_session(path: Path, threads: int, *, optimize: bool = True) -> onnxruntime.InferenceSession | None:
