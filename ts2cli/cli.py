@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 # numpy's OpenBLAS spreads even small products (the re-rank's) over every core, and on a busy machine its threads
 # wait on each other: on the 2-core test machine a query encoded with numpy products (before text_encoder.py moved
@@ -258,6 +258,8 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
+        if _caused_by_interrupt(done):
+            _interrupted()
         if _state["fast_exit"] and done.code in (None, 0):
             _exit_now()
         raise
@@ -267,8 +269,25 @@ def main() -> None:
         console.print(f"[red]error:[/red] {error}", soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        console.print("Interrupted; finished work is kept, run the command again to resume.")
-        sys.exit(130)
+        _interrupted()
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``error``: typer turns KeyboardInterrupt into an exit (130; older click versions:
+    1 after "Aborted!") before ``main`` sees it."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _interrupted() -> NoReturn:
+    console.print("Interrupted; finished work is kept, run the command again to resume.")
+    sys.exit(130)
 
 
 def _exit_now() -> None:
