@@ -239,3 +239,30 @@ def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_video
     )
     report = json.loads(status.stdout)
     assert report["videos"] == 24 and report["model"]["mode"] == "zero-shot" and report["bytes"] > 0
+
+
+def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files):
+    """rich reads ``[bold]`` or ``[/red]`` in a string as markup: a path must not be taken for it (nor crash)."""
+    from conftest import write_video
+
+    folder = tmp_path / "videos [bold]" / "d["  # the files below read as ".../d[/red].mp4", a closing tag
+    folder.mkdir(parents=True)
+    video, broken = folder / "red].mp4", folder / "yellow].mp4"
+    write_video(video, seconds=2, fps=8, width=64, height=48, texture=True)
+    broken.write_bytes(b"not a video")
+    library = tmp_path / "lib"
+
+    environment = {**os.environ, "COLUMNS": "400"}  # one line per row, whatever the path's length
+
+    def ts2(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, env=environment)
+
+    indexed = subprocess.run(ts2_index(folder, library, tiny_files), capture_output=True, text=True, env=environment)
+    status = ts2("status", "--library", str(library))
+    found = ts2("search", "a clip", "--library", str(library), "--device", "cpu")
+    for run in (indexed, status, found):
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert str(broken) in indexed.stderr and str(broken) in status.stderr
+    assert str(video) in found.stderr
+    missing = ts2("status", "--library", str(tmp_path / "x[/red]"))
+    assert missing.returncode == 1 and f"No library at {tmp_path / 'x[/red]'}" in missing.stderr, missing.stderr

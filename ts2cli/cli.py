@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
@@ -218,7 +219,7 @@ def search_command(
         if not hits and (reason := why_nothing_matched(lib, options)):
             notes.append(reason)
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if as_json:
         print_json(search_json(query_text, identity, hits))
     elif paths:
@@ -266,7 +267,7 @@ def main() -> None:
     except Ts2Error as error:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _interrupted()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -67,7 +68,7 @@ class IndexProgressBar(LiveBar, IndexProgress):
         speed = self._progress.tasks[self._task].speed
         self._progress.update(self._task, rate=f"{speed:.1f}" if speed else "-")
         if outcome == "failed" and self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {path}")
+            self._progress.console.print(f"[yellow]skipped[/yellow] {escape(str(path))}")
 
 
 class ResearchProgress(LiveBar):
@@ -91,7 +92,7 @@ class ResearchProgress(LiveBar):
 
     def failed(self, name: str, reason: str) -> None:
         if self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {name}: {reason}")
+            self._progress.console.print(f"[yellow]skipped[/yellow] {escape(name)}: {escape(reason)}")
 
     # TrainProgress
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -107,4 +108,5 @@ class ResearchProgress(LiveBar):
         scored = ""
         if record.metrics:
             scored = f", t2v R@1 {record.metrics['t2v']['R@1']:.1f}, v2t R@1 {record.metrics['v2t']['R@1']:.1f}"
-        self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {record.checkpoint}")
+        saved = escape(str(record.checkpoint))
+        self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {saved}")

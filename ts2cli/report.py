@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 ZERO_SHOT_NOTE = (
@@ -28,7 +29,7 @@ def model_table(report: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in report.items():
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, "-" if value is None else escape(str(value)))
     return table
 
 
@@ -54,16 +55,21 @@ def status_table(status: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     model = status["model"] or {}
-    table.add_row("library", status["library"])
-    table.add_row("model", _model_line(model) if model else "-")
+    table.add_row("library", escape(status["library"]))
+    table.add_row("model", escape(_model_line(model)) if model else "-")
     table.add_row("videos", str(status["videos"]))
     table.add_row("failed", str(len(status["failed"])))
     table.add_row("size", _bytes(status["bytes"]))
     for failure in status["failed"][:20]:
-        table.add_row("", f"[yellow]{failure['path']}[/yellow]: {failure['reason']}")
+        table.add_row("", _failure_line(failure["path"], failure["reason"]))
     if len(status["failed"]) > 20:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
     return table
+
+
+def _failure_line(path: str, reason: str) -> str:
+    """Paths and reasons are shown as they are: a file may be called ``[red].mp4``."""
+    return f"[yellow]{escape(path)}[/yellow]: {escape(reason)}"
 
 
 def _model_line(model: dict[str, Any]) -> str:
@@ -81,7 +87,8 @@ def _bytes(count: int) -> str:
 
 
 def summary_table(summary: Any, library: Any) -> Table:
-    table = Table(title=f"Library {library}", show_header=False, box=None, pad_edge=False, title_justify="left")
+    title = f"Library {escape(str(library))}"
+    table = Table(title=title, show_header=False, box=None, pad_edge=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("indexed", str(summary.indexed))
@@ -90,7 +97,7 @@ def summary_table(summary: Any, library: Any) -> Table:
     table.add_row("removed", str(summary.removed))
     table.add_row("failed", str(len(summary.failed)))
     for path, reason in summary.failed:
-        table.add_row("", f"[yellow]{path}[/yellow]: {reason}")
+        table.add_row("", _failure_line(path, reason))
     table.add_row("time", f"{summary.seconds:.1f} s")
     return table
 
@@ -121,5 +128,5 @@ def results_table(hits: list[Any]) -> Table:
         link = "file://" + quote(Path(hit.path).as_posix())
         moment = f"{clock(hit.moment.start)}–{clock(hit.moment.end)}"
         length = clock(hit.duration) if hit.duration is not None else "-"
-        table.add_row(str(rank), f"{hit.score:.3f}", moment, length, f"[link={link}]{hit.path}[/link]")
+        table.add_row(str(rank), f"{hit.score:.3f}", moment, length, f"[link={link}]{escape(hit.path)}[/link]")
     return table
