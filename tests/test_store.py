@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,43 @@ def test_model_config_check(libdir: Path, rng: np.random.Generator) -> None:
 
 
 # ---------------------------------------------------------------- writes and reads
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """``read_only(folder)``: the folder as a reader on read-only storage sees it (a read-only bind mount for
+    root, which no permission bit stops; else the folder itself, its write bit removed)."""
+    undo: list[Callable[[], object]] = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            undo.append(lambda: folder.chmod(0o755))
+            return folder
+        view = tmp_path / f"{folder.name}-read-only"
+        view.mkdir()
+        mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True)
+        if mounted.returncode != 0:
+            pytest.skip("root without a read-only place: mount --bind is not allowed here")
+        undo.append(lambda: subprocess.run(["umount", str(view)], check=True))
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        return view
+
+    yield make
+    for step in reversed(undo):
+        step()
+
+
+def test_library_on_read_only_storage_can_be_read(libdir: Path, rng: np.random.Generator, read_only) -> None:
+    with Library.open(libdir, write=True, create=True) as lib:
+        video_id, frames = _put(lib, "/videos/a.mp4", rng)
+    view = read_only(libdir)
+    assert not os.access(view, os.W_OK)
+    with Library.open(view) as lib:
+        assert lib.stats().videos_ok == 1
+        assert lib.knn(_unit(frames.mean(axis=0)), 1)[0].tolist() == [video_id]
+    with pytest.raises(LibraryError):
+        Library.open(view, write=True)
 
 
 def test_put_get_round_trip(libdir: Path, rng: np.random.Generator) -> None:

@@ -189,7 +189,7 @@ class Library:
         lock_fd = _acquire_writer_lock(directory, wait) if write else None
         conn = None
         try:
-            conn = _connect(db_path, create=create)
+            conn = _connect(db_path, create=create, write=write)
             library = cls(directory, conn, write=write, lock_fd=lock_fd)
             library._prepare_schema(create=create)
             return library
@@ -897,14 +897,26 @@ class Library:
 # ---------------------------------------------------------------------- helpers: SQLite
 
 
-def _connect(db_path: Path, *, create: bool) -> sqlite3.Connection:
+def _connect(db_path: Path, *, create: bool, write: bool) -> sqlite3.Connection:
     # mode=rw: opening a library must never create an empty database by accident.
-    uri = f"{db_path.as_uri()}?mode={'rwc' if create else 'rw'}"
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+        return _configured(db_path, f"mode={'rwc' if create else 'rw'}")
+    except LibraryError:
+        if write or os.access(db_path.parent, os.W_OK):
+            raise
+    # A reader of a library on read-only storage (a mounted backup, another user's folder): SQLite cannot create
+    # the WAL's shared-memory file there, so the file is read as it is, without WAL (immutable: nobody can be
+    # writing it; a WAL left by a crashed writer is not seen).
+    return _configured(db_path, "mode=ro&immutable=1")
+
+
+def _configured(db_path: Path, mode: str) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(f"{db_path.as_uri()}?{mode}", uri=True, isolation_level=None, timeout=30.0)
     except sqlite3.Error as exc:
         raise _db_error(db_path.parent, exc) from exc
     try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opening is lazy: read now, fail here
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}").fetchall()
