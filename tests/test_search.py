@@ -104,14 +104,18 @@ def test_large_folder_filter_goes_through_the_ann_index(built, monkeypatch):
     assert [h.video_id for h in through_ann] == [h.video_id for h in exact] and len(exact) == 5
 
 
-def test_filters_and_limit(built):
+def test_filters_and_limit(built, tmp_path):
     root, _ = built
     holiday = (root / "videos" / "holiday").resolve()
+    link = tmp_path / "holiday link"
+    link.symlink_to(holiday, target_is_directory=True)
     with Library.open(root / "lib") as lib:
         model = load_library_model(lib, None, device="cpu")
         vector = text_query(model, "a beach")[0]
         within = rank(lib, vector, SearchOptions(limit=20, within=holiday))
         assert len(within) == 5 and all(h.path.startswith(str(holiday)) for h in within)
+        through_link = rank(lib, vector, SearchOptions(limit=20, within=link))  # indexed paths are resolved
+        assert [h.video_id for h in through_link] == [h.video_id for h in within]
         three = rank(lib, vector, SearchOptions(limit=3))
         assert len(three) == 3
         everything = rank(lib, vector, SearchOptions(limit=14))

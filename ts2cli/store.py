@@ -391,8 +391,9 @@ class Library:
         return None if row is None else _video_row(row)
 
     def ids_under(self, folder: str | os.PathLike[str]) -> list[int]:
-        """Ids of the indexed (status 'ok') videos inside ``folder``."""
-        where, args = _under_root(folder)
+        """Ids of the indexed (status 'ok') videos inside ``folder``: resolved first, as indexed paths are (a
+        symlink to a folder finds what was indexed through it)."""
+        where, args = _under_root(Path(folder).expanduser().resolve())
         rows = self._conn.execute(f"SELECT id FROM videos WHERE status = 'ok' AND ({where}) ORDER BY id", args)
         return [row[0] for row in rows]
 
