@@ -12,10 +12,10 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 
 from ts2cli.errors import LibraryError, Ts2Error
-from ts2cli.indexer import IndexOptions, global_vector, index_folders
+from ts2cli.indexer import IndexOptions, index_folders
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.query import load_library_model, text_query, video_query
-from ts2cli.search import SearchOptions, matching_moment, rank, score_videos, widen_float16
+from ts2cli.search import SearchOptions, global_vector, matching_moment, rank, score_videos, widen_float16
 from ts2cli.store import Library
 
 
@@ -209,3 +209,74 @@ def test_float16_widening_equals_numpy_cast_for_every_finite_value():
 def test_no_videos_score_to_empty_arrays():
     scores, weights = score_videos(np.ones(8, dtype=np.float32), [])
     assert scores.shape == (0,) and weights.shape == (0, 0)
+
+
+@pytest.fixture
+def own_library(tmp_path, tiny_files):
+    """A small library of its own, built with weights at a path the test may move or delete."""
+    from conftest import write_video
+
+    def build(compat: str = "fixed"):
+        weights = tmp_path / "weights" / "mine.pt"
+        weights.parent.mkdir()
+        weights.write_bytes((tiny_files / "tiny.pt").read_bytes())
+        videos = tmp_path / "videos"
+        videos.mkdir()
+        for i in range(3):
+            write_video(videos / f"v{i}.mp4", seconds=2, fps=8, width=64, height=48, texture=True, seed=20 + i)
+        options = ModelOptions(
+            model="tiny", backbone_cfg=TINY_CLIP, pretrained=str(weights), device="cpu", compat=compat
+        )
+        model = load_model(options)
+        model.precision_known = True
+        with Library.open(tmp_path / "lib", write=True, create=True) as lib:
+            assert index_folders(lib, model, IndexOptions(roots=[videos])).indexed == 3
+        return tmp_path / "lib", weights, videos
+
+    return build
+
+
+def test_moved_weights_and_partial_model_options_find_the_library_model(own_library):
+    from ts2cli.query import search_model_options
+
+    library, weights, _ = own_library(compat="official")
+    moved = weights.with_name("renamed.pt")
+    weights.rename(moved)
+    with Library.open(library) as lib:
+        options = search_model_options(lib, "cpu", pretrained=str(moved))  # nothing but the new place
+        assert (options.compat, options.model, options.backbone_cfg) == ("official", "tiny", TINY_CLIP)
+        load_library_model(lib, options)  # the same content under another name is the same model
+        other = moved.with_name("other.pt")
+        torch.save({k: v + 1 for k, v in torch.load(moved).items()}, other)
+        with pytest.raises(LibraryError, match=r"another model.*compat official"):
+            load_library_model(lib, search_model_options(lib, "cpu", pretrained=str(other)))
+
+
+def test_like_an_indexed_video_needs_no_weights_and_a_bad_path_is_checked_first(own_library):
+    library, weights, videos = own_library()
+    weights.unlink()  # the stored features are all an indexed example needs
+    found = run_ts2("search", "--like", str(videos / "v1.mp4"), "--library", str(library), "--json")
+    assert found.returncode == 0, found.stderr
+    data = json.loads(found.stdout)
+    assert data["query"] == f"like:{(videos / 'v1.mp4').resolve()}" and data["model"]["mode"] == "zero-shot"
+    assert sorted(item["path"] for item in data["results"]) == [str(videos / n) for n in ("v0.mp4", "v2.mp4")]
+    for path, words in ((videos / "none.mp4", "No such video"), (videos, "is a folder")):
+        failed = run_ts2("search", "--like", str(path), "--library", str(library))
+        assert failed.returncode == 1 and words in failed.stderr and "Weights" not in failed.stderr, failed.stderr
+
+
+def test_query_of_nothing_printable_and_a_damaged_model_record(built, own_library):
+    root, _ = built
+    with Library.open(root / "lib") as lib:
+        model = load_library_model(lib, None, device="cpu")
+        for text in ("\ufeff", "\x01 \x02", "\u200b\n"):
+            with pytest.raises(Ts2Error, match="empty"):
+                text_query(model, text)
+    library, _, _ = own_library()
+    with Library.open(library, write=True) as lib:
+        lib._set_meta("model", "not json")
+    damaged = run_ts2("status", "--library", str(library))
+    assert damaged.returncode == 1 and "damaged model record" in damaged.stderr and "Traceback" not in damaged.stderr
+    with Library.open(library, write=True) as lib:
+        lib.check_model({"backbone": "tiny"}, rebuild=True)  # --rebuild starts over
+        assert lib.model_config() == {"backbone": "tiny"} and lib.count_ok() == 0

@@ -213,7 +213,10 @@ def search_command(
         require_searchable(lib)
         chosen = None
         if model or pretrained or checkpoint:
-            chosen = model_options(model or "ViT-B-32", pretrained or "openai", checkpoint, device, "fixed")
+            from .query import search_model_options
+
+            named = model_options(model, "openai", None, device, "fixed") if model else None
+            chosen = search_model_options(lib, device, model=named, pretrained=pretrained, checkpoint=checkpoint)
         query_text, vector, exclude, notes, identity = _query_vector(lib, query, like, chosen, device)
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
         if not hits and (reason := why_nothing_matched(lib, options)):
@@ -234,7 +237,7 @@ def search_command(
 
 
 def _query_vector(lib, query, like, chosen, device):
-    from .query import load_library_model, text_query, video_query
+    from .query import example_video, indexed_row, load_library_model, text_query, video_query
     from .text_encoder import load_text_encoder
 
     if query is not None:
@@ -244,11 +247,14 @@ def _query_vector(lib, query, like, chosen, device):
         model = encoder or load_library_model(lib, chosen, device=device, text_only=True)
         vector, notes = text_query(model, query)
         return query, vector, None, notes, model.identity
-    row = lib.get_by_path(str(Path(like).expanduser().resolve())) if Path(like).expanduser().is_file() else None
-    indexed = row is not None and row.status == "ok"
+    example = example_video(like)
+    indexed = indexed_row(lib, example) is not None
+    if indexed and chosen is None:  # its stored features are the query: no model to load
+        vector, exclude = video_query(lib, None, example)
+        return f"like:{example.resolve()}", vector, exclude, [], lib.model_config() or {}
     loaded = load_library_model(lib, chosen, device=device, text_only=indexed)
-    vector, exclude = video_query(lib, None if indexed else loaded, Path(like))
-    return f"like:{like}", vector, exclude, [], loaded.identity
+    vector, exclude = video_query(lib, None if indexed else loaded, example)
+    return f"like:{example.resolve()}", vector, exclude, [], loaded.identity
 
 
 app.add_typer(eval_app, name="eval")

@@ -33,6 +33,7 @@ from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .model import LoadedModel
 from .scan import check_roots, fingerprint, scan_videos
+from .search import global_vector
 from .store import Library
 
 
@@ -303,13 +304,6 @@ def _reuse_same_content(library: Library, path: Path, stat: os.stat_result, dige
         )
         return True
     return False
-
-
-def global_vector(frames: np.ndarray) -> np.ndarray:
-    """One vector per video for the ANN candidate stage: the mean of its unit frame features, normalised."""
-    unit = frames / np.maximum(np.linalg.norm(frames, axis=1, keepdims=True), 1e-12)
-    mean = unit.mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
 def _embed_all(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import MODEL_SOURCE_KEY, Library, same_model
+from .store import MODEL_SOURCE_KEY, Library, VideoRow, same_model
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions
@@ -60,12 +60,47 @@ def load_library_model(
 
 def describe(identity: dict[str, Any]) -> str:
     weights = identity.get("checkpoint") or identity.get("clip_weights")
-    return f"{identity.get('backbone')} {weights}, {identity.get('mode')}, {identity.get('frames')} frames"
+    mode, frames, compat = identity.get("mode"), identity.get("frames"), identity.get("compat")
+    return f"{identity.get('backbone')} {weights}, {mode}, {frames} frames, compat {compat}"
+
+
+def search_model_options(
+    library: Library,
+    device: str,
+    *,
+    model: ModelOptions | None = None,
+    pretrained: str | None = None,
+    checkpoint: Path | None = None,
+) -> ModelOptions:
+    """The library's model with what the user named on the command line instead: ``model`` (its name and
+    config), ``pretrained`` (e.g. the weights file's new place), ``checkpoint``. Compat mode and frame count are
+    always the library's: they are part of what its vectors mean."""
+    from dataclasses import replace
+
+    from .model import ModelOptions
+    from .model.loading import options_from_source
+
+    stored = library.model_config()
+    if stored is None:
+        raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
+    source = stored.get(MODEL_SOURCE_KEY)
+    if source:
+        base = options_from_source(source, device)
+    else:
+        base = ModelOptions(device=device, compat=stored.get("compat", "fixed"), frames=stored.get("frames", 12))
+    changes: dict[str, Any] = {}
+    if model is not None:
+        changes |= {"model": model.model, "backbone_cfg": model.backbone_cfg, "quick_gelu": None}
+    if pretrained is not None:
+        changes |= {"pretrained": pretrained, "weights_file": None, "quick_gelu": None}
+    if checkpoint is not None:
+        changes["checkpoint"] = checkpoint
+    return replace(base, **changes)
 
 
 def text_query(model: TextModel, text: str) -> tuple[np.ndarray, list[str]]:
     """Query vector for a description, and notes for the user (e.g. truncation)."""
-    if not text.strip():
+    if not any(character.isprintable() and not character.isspace() for character in text):
         raise Ts2Error('The query is empty; describe what happens, e.g. ts2 search "dog catching a frisbee".')
     vectors, truncated = model.encode_texts([text])
     words = model.words - 2
@@ -76,22 +111,39 @@ def text_query(model: TextModel, text: str) -> tuple[np.ndarray, list[str]]:
 def video_query(library: Library, model_for_video: LoadedModel | None, path: Path) -> tuple[np.ndarray, int | None]:
     """Query vector for an example video: its stored features when indexed, else decoded and embedded now.
     Returns the library id of the video too, so it can be left out of its own results."""
-    from .decode import sample_frames  # PyAV is not needed for text queries: imported here, not at start-up
-    from .indexer import KEYFRAME_SNAP, global_vector
+    from .search import global_vector
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise Ts2Error(f"No such video: {path}")
-    row = library.get_by_path(str(path.resolve()))
-    if row is not None and row.status == "ok":
+    path = example_video(path)
+    row = indexed_row(library, path)
+    if row is not None:
         frames = library.frame_features([row.id]).get(row.id)
         if frames is not None:
             return global_vector(frames), row.id
     if model_for_video is None:
         raise Ts2Error("A model is needed to embed this video.")
+    # torch and PyAV only now: an indexed example needs neither
+    from .decode import sample_frames
+    from .indexer import KEYFRAME_SNAP
+
     # sampled exactly as the indexer samples, so an indexed copy of this file has the same features
     sampled = sample_frames(
         path, model_for_video.config.frames, model_for_video.image_size, keyframe_snap=KEYFRAME_SNAP
     )
     features, mask = model_for_video.encode_videos([sampled.frames])
     return global_vector(features[0][mask[0]]), None
+
+
+def example_video(path: Path) -> Path:
+    """``path`` (``~`` expanded) if it is a file, else a one-line error; checked before any model is loaded."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise Ts2Error(f"{path} is a folder; --like takes one video file.")
+    if not path.is_file():
+        raise Ts2Error(f"No such video: {path}")
+    return path
+
+
+def indexed_row(library: Library, path: Path) -> VideoRow | None:
+    """The library's row for the file at ``path`` if it was indexed successfully."""
+    row = library.get_by_path(str(Path(path).resolve()))
+    return row if row is not None and row.status == "ok" else None

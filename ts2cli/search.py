@@ -101,6 +101,13 @@ def score_candidates(
     return found, *_weigh(*products, eps=eps)
 
 
+def global_vector(frames: np.ndarray) -> np.ndarray:
+    """One vector per video for the ANN candidate stage: the mean of its unit frame features, normalised."""
+    unit = frames / np.maximum(np.linalg.norm(frames, axis=1, keepdims=True), 1e-12)
+    mean = unit.mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 EXACT_SUBSET_LIMIT = 5000
 """A ``--in`` folder with at most this many videos is scored exactly; a larger one filters ANN candidates."""
 SUBSET_OVERFETCH = 10

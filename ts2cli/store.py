@@ -309,7 +309,17 @@ class Library:
 
     def model_config(self) -> dict[str, Any] | None:
         raw = self._meta("model")
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError:
+            config = None
+        if not isinstance(config, dict):
+            raise LibraryError(
+                f"The library at {self.directory} has a damaged model record; re-index it with --rebuild."
+            )
+        return config
 
     def set_model_config(self, config: dict[str, Any]) -> None:
         with self._write_step():
@@ -321,7 +331,13 @@ class Library:
         A new library adopts ``config``. A different stored model is an error unless ``rebuild``, which
         empties the library (in the current transaction) and adopts ``config``.
         """
-        stored = self.model_config()
+        try:
+            stored = self.model_config()
+        except LibraryError:
+            if not rebuild:
+                raise
+            self.clear(config)
+            return
         if stored is not None and same_model(stored, config):
             if self.write and _canonical_json(stored) != _canonical_json(config):
                 self.set_model_config(config)  # same model, loaded from another place: remember the new one
@@ -996,8 +1012,17 @@ MODEL_SOURCE_KEY = "source"
 """Entry of a model config that says where the weights were loaded from. Files move, so it is not compared."""
 
 
+WEIGHT_KEYS = ("clip_weights", "checkpoint")
+"""Identity fields naming weights: a local file is ``name#content-fingerprint``, a tag is the tag."""
+
+
 def _comparable(config: dict[str, Any]) -> str:
-    return _canonical_json({k: v for k, v in config.items() if k != MODEL_SOURCE_KEY})
+    # Weights files move and get renamed: their content decides, not their name.
+    comparable = {k: v for k, v in config.items() if k != MODEL_SOURCE_KEY}
+    for key in WEIGHT_KEYS:
+        if isinstance(comparable.get(key), str) and "#" in comparable[key]:
+            comparable[key] = "#" + comparable[key].rpartition("#")[2]
+    return _canonical_json(comparable)
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -1008,7 +1033,8 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def _describe_model(config: dict[str, Any]) -> str:
     if "backbone" in config:
         weights = config.get("checkpoint") or config.get("clip_weights")
-        return f"{config['backbone']} ({weights}, {config.get('mode')}, {config.get('frames')} frames)"
+        mode, frames, compat = config.get("mode"), config.get("frames"), config.get("compat")
+        return f"{config['backbone']} ({weights}, {mode}, {frames} frames, compat {compat})"
     text = _comparable(config)
     return text if len(text) <= 120 else text[:119] + "…"
 
