@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -183,6 +184,12 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
 
     paths = run_ts2("search", "a cat on a sofa", "--library", library, "--paths", "--limit", "4", "--device", "cpu")
     assert paths.stdout.splitlines() == [item["path"] for item in data["results"]]
+    # the table is the answer: on stdout, one row per video with its whole path, however narrow rich thinks it is
+    environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    table = run_ts2("search", "a cat on a sofa", "--library", library, "--limit", "4", env=environment)
+    rows = table.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4"] and table.stderr == ""
+    assert all(row.rstrip().endswith(item["path"]) for row, item in zip(rows, data["results"], strict=True))
 
     # a filter that leaves nothing says which, on stderr; the output stays valid (empty) for scripts
     nowhere = run_ts2("search", "a cat", "--library", library, "--in", str(tmp_path / "elsewhere"), "--json")

@@ -30,7 +30,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+UNFOLDED_WIDTH = 4096
 console = Console(stderr=True, highlight=False)
+"""Progress, notes and errors: what is said to the person, apart from the command's answer."""
+# The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
+# or redirected, rows are not folded at rich's default 80 columns (COLUMNS, when set, still decides).
+output = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else UNFOLDED_WIDTH)
 _state = {"debug": False, "fast_exit": False}
 
 LibraryDir = Annotated[
@@ -107,7 +112,7 @@ def model_command(
     if as_json:
         print_json(report)
     else:
-        console.print(model_table(report))
+        output.print(model_table(report))
 
 
 @app.command("index")
@@ -158,7 +163,7 @@ def index_command(
     if as_json:
         print_json(summary.to_json())
     else:
-        console.print(summary_table(summary, lib.directory))
+        output.print(summary_table(summary, lib.directory))
     if summary.indexed == 0 and summary.failed and summary.unchanged == 0 and summary.moved == 0:
         raise typer.Exit(1)
 
@@ -174,7 +179,7 @@ def status_command(library: LibraryDir = None, as_json: JsonFlag = False) -> Non
     if as_json:
         print_json(status)
     else:
-        console.print(status_table(status))
+        output.print(status_table(status))
 
 
 app.command("info", help="Alias of status.")(status_command)
@@ -228,7 +233,7 @@ def search_command(
     elif paths:
         sys.stdout.write("".join(f"{hit.path}\n" for hit in hits))
     else:
-        console.print(results_table(hits) if hits else "No matching videos.")
+        output.print(results_table(hits) if hits else "No matching videos.")
     if open_top and hits:
         from .player import open_at
 

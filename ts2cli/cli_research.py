@@ -187,7 +187,7 @@ def _model(
 
 
 def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any, as_json: bool) -> None:
-    from .cli import console, print_json
+    from .cli import console, output, print_json
     from .evaluate import evaluate
     from .model import load_model
     from .progress import ResearchProgress
@@ -199,7 +199,7 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
     if as_json:
         print_json(result.to_json())
         return
-    console.print(eval_table(result))
+    output.print(eval_table(result))
     if result.failed:
         shown = escape("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
         more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
@@ -336,7 +336,7 @@ def _run_train(
     options: Any,
     as_json: bool,
 ) -> None:
-    from .cli import console, print_json
+    from .cli import console, output, print_json
     from .progress import ResearchProgress
     from .train import train
 
@@ -345,7 +345,7 @@ def _run_train(
     if as_json:
         print_json(summary.to_json())
     else:
-        console.print(train_table(summary))
+        output.print(train_table(summary))
 
 
 def train_table(summary: TrainSummary) -> Table:
