@@ -287,3 +287,14 @@ def test_query_of_nothing_printable_and_a_damaged_model_record(built, own_librar
     with Library.open(library, write=True) as lib:
         lib.check_model({"backbone": "tiny"}, rebuild=True)  # --rebuild starts over
         assert lib.model_config() == {"backbone": "tiny"} and lib.count_ok() == 0
+
+
+def test_results_that_are_gone_are_pointed_out_and_not_opened(own_library):
+    library, _, videos = own_library()
+    (videos / "v0.mp4").unlink()
+    (videos / "v2.mp4").unlink()
+    found = run_ts2("search", "--like", str(videos / "v1.mp4"), "--library", str(library), "--paths")
+    assert found.returncode == 0 and len(found.stdout.splitlines()) == 2
+    assert "2 of these videos are no longer there" in found.stderr
+    opened = run_ts2("search", "--like", str(videos / "v1.mp4"), "--library", str(library), "--open")
+    assert opened.returncode == 1 and "it is no longer there" in opened.stderr, opened.stderr

@@ -208,7 +208,7 @@ def search_command(
 ) -> None:
     """Find the videos that best match QUERY (or --like VIDEO), with the moment that matched."""
     from .report import results_table, search_json
-    from .search import SearchOptions, library_eps, rank, require_searchable, why_nothing_matched
+    from .search import SearchOptions, gone_note, library_eps, rank, require_searchable, why_nothing_matched
     from .store import Library
 
     if (query is None) == (like is None):
@@ -226,6 +226,8 @@ def search_command(
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
         if not hits and (reason := why_nothing_matched(lib, options)):
             notes.append(reason)
+        if gone := gone_note(hits):
+            notes.append(gone)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if as_json:
@@ -237,7 +239,10 @@ def search_command(
     if open_top and hits:
         from .player import open_at
 
-        open_at(Path(hits[0].path), hits[0].moment.start)
+        top = Path(hits[0].path)
+        if not top.exists():
+            raise Ts2Error(f"Cannot open {top}: it is no longer there (moved or deleted).")
+        open_at(top, hits[0].moment.start)
     _state["fast_exit"] = True  # read-only and done: nothing is left for the interpreter's teardown to finish
 
 

@@ -292,6 +292,15 @@ def why_nothing_matched(library: Library, options: SearchOptions) -> str | None:
     return None
 
 
+def gone_note(hits: list[Hit]) -> str | None:
+    """A note when results are no longer where they were indexed (the library learns only at the next index)."""
+    gone = [hit.path for hit in hits if not Path(hit.path).exists()]
+    if not gone:
+        return None
+    which = f"{gone[0]} is" if len(gone) == 1 else f"{len(gone)} of these videos are"
+    return f"{which} no longer there (moved or deleted); run `ts2 index` on the folder to update the library."
+
+
 def require_searchable(library: Library) -> None:
     if library.count_ok() == 0:
         raise Ts2Error(f"The library at {library.directory} has no indexed videos yet; run `ts2 index FOLDER` first.")
