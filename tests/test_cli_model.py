@@ -37,3 +37,24 @@ def test_missing_weights_is_one_line_and_non_zero(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--pretrained" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_weights_are_read_by_content_and_other_files_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    state = {k.removeprefix("clip."): v.contiguous() for k, v in tiny_net(zero_shot=True).state_dict().items()}
+    unnamed = tmp_path / "weights-without-suffix"  # safetensors, whatever its name says
+    save_file(state, str(unnamed))
+    result = run_ts2("model", "--model", str(config), "--pretrained", str(unnamed), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"loaded from   {unnamed}" in result.stdout  # where the weights are, not a dict of load options
+    for name, content in (("notes.pt", b"not weights"), ("empty.safetensors", b"")):
+        (tmp_path / name).write_bytes(content)
+        failed = run_ts2("model", "--model", str(config), "--pretrained", str(tmp_path / name), "--device", "cpu")
+        assert failed.returncode == 1, failed.stderr
+        assert (
+            failed.stderr.strip()
+            == f"error: {tmp_path / name} is not a weights file (neither safetensors nor a PyTorch file)."
+        )

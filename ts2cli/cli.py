@@ -34,8 +34,8 @@ UNFOLDED_WIDTH = 4096
 console = Console(stderr=True, highlight=False)
 """Progress, notes and errors: what is said to the person, apart from the command's answer."""
 # The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
-# or redirected, rows are not folded at rich's default 80 columns (COLUMNS, when set, still decides).
-output = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else UNFOLDED_WIDTH)
+# or redirected, rows are not folded to a terminal's width (rich's default 80, or an exported COLUMNS).
+output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDED_WIDTH)
 _state = {"debug": False, "fast_exit": False}
 
 LibraryDir = Annotated[

@@ -29,8 +29,18 @@ def model_table(report: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in report.items():
+        if key == "source":  # how to load it again: only where the weights come from is for people
+            value = _weights_place(value)
+            key = "loaded from"
         table.add_row(key, "-" if value is None else escape(str(value)))
     return table
+
+
+def _weights_place(source: dict[str, Any] | None) -> str | None:
+    if not source:
+        return None
+    places = [source.get("weights_file") or source.get("pretrained"), source.get("checkpoint")]
+    return ", ".join(str(place) for place in places if place) or None
 
 
 def status_json(stats: Any) -> dict[str, Any]:

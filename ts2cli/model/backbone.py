@@ -188,8 +188,11 @@ def read_state_dict(path: Path, keep: Callable[[str], bool] | None = None) -> di
     """Tensors from a safetensors file, a torch state dict (optionally under ``state_dict``) or an OpenAI JIT
     archive; ``keep`` filters keys before tensors are read where the format allows it."""
     keep = keep or (lambda _key: True)
+    kind = weights_format(path)
+    if kind is None:
+        raise CheckpointError(f"{path} is not a weights file (neither safetensors nor a PyTorch file).")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
@@ -206,6 +209,21 @@ def read_state_dict(path: Path, keep: Callable[[str], bool] | None = None) -> di
     if state and next(iter(state)).startswith("module."):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if keep(k) and k not in OPENAI_METADATA_KEYS}
+
+
+def weights_format(path: Path) -> str | None:
+    """ "safetensors" or "torch" from the file's first bytes (a file's name may say neither), None for
+    anything else."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read weights from {path}: {one_line(exc)}") from None
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: a little-endian header length, then its JSON
+        return "safetensors"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive (or an OpenAI JIT one), legacy pickle
+        return "torch"
+    return None
 
 
 def _torch_load(path: Path) -> Any:
