@@ -104,6 +104,21 @@ def test_own_format_round_trips_bit_exactly(tmp_path):
         assert torch.equal(loaded.net.encode_video(videos, mask)[0], net.encode_video(videos, mask)[0])
 
 
+
+def test_a_checkpoint_brings_its_own_compat_and_frames_unless_asked_otherwise(tmp_path):
+    net = tiny_net(seed=3)
+    path = tmp_path / "official-4.safetensors"
+    save_checkpoint(net, path, dataclasses.replace(net.config, compat="official", frames=4))
+    own = load_model(ModelOptions(checkpoint=path, device="cpu"))
+    assert (own.config.compat, own.config.frames) == ("official", 4)
+    assert (own.identity["compat"], own.identity["frames"]) == ("official", 4)
+    assert (own.identity["source"]["compat"], own.identity["source"]["frames"]) == ("official", 4)
+    asked = load_model(ModelOptions(checkpoint=path, device="cpu", compat="fixed", frames=6))
+    assert (asked.config.compat, asked.config.frames) == ("fixed", 6)
+    clip_only = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu"))
+    assert (clip_only.config.compat, clip_only.config.frames) == ("fixed", 12)
+
+
 def test_text_only_loading_gives_the_same_text_features(tmp_path):
     net = tiny_net(seed=5)
     path = tmp_path / "model.safetensors"

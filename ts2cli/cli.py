@@ -47,12 +47,12 @@ LibraryDir = Annotated[
 
 
 def model_options(
-    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, precision: str = "auto"
+    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str | None, precision: str = "auto"
 ):
     from .model import COMPAT_MODES, ModelOptions
     from .model.loading import INFERENCE_PRECISIONS
 
-    if compat not in COMPAT_MODES:
+    if compat is not None and compat not in COMPAT_MODES:
         raise Ts2Error(f"Unknown --compat '{compat}'; use fixed or official.")
     if precision not in INFERENCE_PRECISIONS:
         raise Ts2Error(f"Unknown --precision '{precision}'; use auto or float32.")
@@ -99,7 +99,7 @@ def model_command(
     pretrained: Pretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: Compat = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -133,7 +133,7 @@ def index_command(
     pretrained: Pretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: Compat = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:

@@ -25,10 +25,10 @@ Checkpoint = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
 Compat = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--compat",
-        help="fixed (corrected) or official (reproduces the paper's code).",
+        help="fixed (corrected) or official (reproduces the paper's code). Default: a checkpoint's own, else fixed.",
         rich_help_panel="Model",
     ),
 ]

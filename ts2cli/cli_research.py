@@ -36,7 +36,19 @@ DIRECTIONS = {
 }
 
 # --- options ----------------------------------------------------------------------------------------------------
-Frames = Annotated[int, typer.Option("--frames", min=1, help="Frames per video (T).", rich_help_panel="Model")]
+TrainFrames = Annotated[int, typer.Option("--frames", min=1, help="Frames per video (T).", rich_help_panel="Model")]
+TrainCompat = Annotated[
+    str,
+    typer.Option(
+        "--compat", help="fixed (corrected) or official (reproduces the paper's code).", rich_help_panel="Model"
+    ),
+]
+Frames = Annotated[
+    int | None,
+    typer.Option(
+        "--frames", min=1, help="Frames per video (T). Default: a checkpoint's own, else 12.", rich_help_panel="Model"
+    ),
+]
 Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")]
 AllowMissing = Annotated[
     bool, typer.Option("--allow-missing", help="Use the videos that exist when some listed ones are missing.")
@@ -114,12 +126,12 @@ def eval_msrvtt(
     workers: Workers = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
-    frames: Frames = 12,
+    frames: Frames = None,
     model: ModelName = "ViT-B-32",
     pretrained: Pretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: Compat = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -147,12 +159,12 @@ def eval_captions(
     workers: Workers = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
-    frames: Frames = 12,
+    frames: Frames = None,
     model: ModelName = "ViT-B-32",
     pretrained: Pretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: Compat = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -177,7 +189,13 @@ def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, ca
 
 
 def _model(
-    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str, frames: int, precision: str = "auto"
+    model: str,
+    pretrained: str,
+    checkpoint: Path | None,
+    device: str,
+    compat: str | None,
+    frames: int | None,
+    precision: str = "auto",
 ):
     from .cli import model_options
 
@@ -256,12 +274,12 @@ def train_msrvtt(
     head: HeadOption = "ts2",
     resume: Resume = False,
     workers: Workers = None,
-    frames: Frames = 12,
+    frames: TrainFrames = 12,
     model: ModelName = "ViT-B-32",
     pretrained: TrainPretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: TrainCompat = "fixed",
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune on MSR-VTT 9k (180k caption-video pairs per epoch), CLIP4Clip's folder layout."""
@@ -300,12 +318,12 @@ def train_captions(
     head: HeadOption = "ts2",
     resume: Resume = False,
     workers: Workers = None,
-    frames: Frames = 12,
+    frames: TrainFrames = 12,
     model: ModelName = "ViT-B-32",
     pretrained: TrainPretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: Compat = "fixed",
+    compat: TrainCompat = "fixed",
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune on your own captioned videos (one item per caption and epoch)."""

@@ -41,8 +41,10 @@ class ModelOptions:
     """open_clip tag or local weights file; None builds random weights (tests and benchmarks only)."""
     checkpoint: Path | None = None
     device: str = "auto"
-    compat: Compat = "fixed"
-    frames: int = 12
+    compat: Compat | None = None
+    """None: a checkpoint's own (what it was trained with), else "fixed"."""
+    frames: int | None = None
+    """None: a checkpoint's own, else 12."""
     quick_gelu: bool | None = None
     """None: as the pretrained tag says; True for local files (TS2-Net is built on OpenAI CLIP)."""
     backbone_cfg: dict[str, Any] | None = None
@@ -65,8 +67,8 @@ def model_source(options: ModelOptions, config: TS2Config, weights_file: Path | 
         "pretrained": options.pretrained,
         "weights_file": str(weights_file.resolve()) if weights_file else None,
         "checkpoint": checkpoint,
-        "compat": options.compat,
-        "frames": options.frames,
+        "compat": config.compat,
+        "frames": config.frames,
     }
 
 
@@ -200,7 +202,10 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
     device = resolve_device(options.device)
     if options.checkpoint is not None:
         config, state = read_checkpoint(options.checkpoint, text_only=text_only)
-        config = dataclasses.replace(config, compat=options.compat, frames=options.frames)
+        # What it was trained with, unless the user asks otherwise (e.g. to study the other compat mode).
+        config = dataclasses.replace(
+            config, compat=options.compat or config.compat, frames=options.frames or config.frames
+        )
         net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
         weights, weights_file = {"checkpoint": _file_id(options.checkpoint)}, None
     else:
@@ -235,8 +240,8 @@ def _from_clip(
         backbone=options.model,
         backbone_cfg=cfg,
         quick_gelu=cfg["quick_gelu"],
-        frames=options.frames,
-        compat=options.compat,
+        frames=options.frames or TS2Config.frames,
+        compat=options.compat or TS2Config.compat,
         zero_shot=not trainable,
         zero_shot_shift=options.zero_shot_shift,
     )
