@@ -57,6 +57,9 @@ def test_nan_rows():
     assert strict["R@1"] == pytest.approx(100 / 3)
     assert strict["MdR"] == 3.0
     assert strict["MnR"] == pytest.approx(1 + 4 / 3)
+    # In a gallery of 3 the last rank is "within 5": the broken row is still a miss (the middle row is a real
+    # rank-2 retrieval, within 5).
+    assert strict["R@5"] == pytest.approx(200 / 3)
     # Official: the NaN row contributes nothing → ranks 0, 2.
     official = retrieval_metrics(sim, ties="official")
     assert official["R@1"] == 50.0
@@ -135,7 +138,7 @@ def test_video_to_text_broken_video_is_worst():
     sim = np.array([[0.9, NAN], [0.1, NAN], [0.3, NAN]])
     m = video_to_text_metrics(sim, np.array([0, 1, 1]))
     # Video 0 found first; video 1 (all its captions NaN) gets rank 2 of 3 captions.
-    assert m["R@1"] == 50.0
+    assert m["R@1"] == 50.0 and m["R@5"] == 50.0  # a broken video is a miss at every K
     assert m["MnR"] == 2.0
 
 

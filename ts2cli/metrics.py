@@ -18,8 +18,9 @@ Two ways of treating ties are offered:
 
 NaN scores (for instance from a video that failed to decode, spec §10.1 row 6): a NaN elsewhere in a row is
 never "greater", so it is ignored in both modes. A query whose own correct score is NaN is dropped by the
-official mode, which would quietly shrink the test set; the strict mode counts it as the worst possible rank
-(n_candidates - 1) instead, so a broken video costs what a failed retrieval costs.
+official mode, which would quietly shrink the test set; the strict mode counts it as a miss at every K and at
+the worst possible rank (n_candidates - 1) for MdR and MnR, so a broken video costs what a failed retrieval
+costs, also in a gallery of K videos or fewer (where the last rank is still "within K").
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def retrieval_metrics(
     if n_queries and (targets.min() < 0 or targets.max() >= n_candidates):
         raise ValueError("targets must index columns of sim")
     correct = sim[np.arange(n_queries), targets]
-    return _summarise(_ranks(sim, correct, ties))
+    return _summarise(*_ranks(sim, correct, ties))
 
 
 def video_to_text_metrics(
@@ -82,7 +83,7 @@ def video_to_text_metrics(
     np.maximum.at(best, caption_video, np.where(np.isnan(own), -np.inf, own))
     all_nan = np.bincount(caption_video, weights=~np.isnan(own), minlength=n_videos) == 0
     best[all_nan] = np.nan
-    return _summarise(_ranks(sim_t2v.T, best, ties))
+    return _summarise(*_ranks(sim_t2v.T, best, ties))
 
 
 def inverted_softmax(sim: np.ndarray) -> np.ndarray:
@@ -107,8 +108,9 @@ def _as_2d(sim: np.ndarray) -> np.ndarray:
     return sim if np.issubdtype(sim.dtype, np.floating) else sim.astype(np.float64)
 
 
-def _ranks(scores: np.ndarray, correct: np.ndarray, ties: TieMode) -> np.ndarray:
-    """0-based ranks of ``correct[i]`` within ``scores[i]`` (which contains it): one or more per row."""
+def _ranks(scores: np.ndarray, correct: np.ndarray, ties: TieMode) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks of ``correct[i]`` within ``scores[i]`` (which contains it), one or more per row, and which of
+    them are misses whatever their rank (a NaN correct score in strict mode)."""
     if ties not in ("strict", "official"):
         raise ValueError(f"ties must be 'strict' or 'official', not {ties!r}")
     greater = np.empty(len(correct), dtype=np.int64)
@@ -120,20 +122,21 @@ def _ranks(scores: np.ndarray, correct: np.ndarray, ties: TieMode) -> np.ndarray
         equal[start : start + len(rows)] = (rows == target).sum(axis=1)
 
     if ties == "strict":
-        return np.where(np.isnan(correct), scores.shape[1] - 1, greater)
+        missed = np.isnan(correct)
+        return np.where(missed, scores.shape[1] - 1, greater), missed
 
     equal[~np.isfinite(correct)] = 0
     # Each tied row contributes the run greater, greater+1, …, greater+equal-1.
     first = np.repeat(greater, equal)
     offset = np.arange(len(first)) - np.repeat(np.cumsum(equal) - equal, equal)
-    return first + offset
+    return first + offset, np.zeros(len(first), dtype=bool)
 
 
-def _summarise(ranks: np.ndarray) -> dict[str, float]:
+def _summarise(ranks: np.ndarray, missed: np.ndarray) -> dict[str, float]:
     keys = [f"R@{k}" for k in RECALL_KS] + ["MdR", "MnR"]
     if len(ranks) == 0:
         return dict.fromkeys(keys, float("nan"))
-    result = {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in RECALL_KS}
+    result = {f"R@{k}": float(100.0 * np.mean((ranks < k) & ~missed)) for k in RECALL_KS}
     result["MdR"] = float(np.median(ranks) + 1)
     result["MnR"] = float(np.mean(ranks) + 1)
     return result
