@@ -104,7 +104,6 @@ def test_own_format_round_trips_bit_exactly(tmp_path):
         assert torch.equal(loaded.net.encode_video(videos, mask)[0], net.encode_video(videos, mask)[0])
 
 
-
 def test_a_checkpoint_brings_its_own_compat_and_frames_unless_asked_otherwise(tmp_path):
     net = tiny_net(seed=3)
     path = tmp_path / "official-4.safetensors"

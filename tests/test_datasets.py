@@ -203,6 +203,10 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
     with pytest.raises(Ts2Error, match="header row with the columns video, caption"):
         load_caption_csv(csv_path)
 
+    csv_path.write_text("video,caption\n", encoding="utf-8")  # metrics over no queries would be NaN
+    with pytest.raises(Ts2Error, match="lists no videos: it has a header and no rows"):
+        load_caption_csv(csv_path)
+
     csv_path.write_text("video,caption\na.mp4,hi\na.mp4\n,no video\na.mp4,\n", encoding="utf-8")
     with pytest.raises(Ts2Error, match=r"too few columns \(lines 3\)"):
         load_caption_csv(csv_path)
@@ -212,7 +216,9 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
         load_caption_csv(csv_path)
 
     csv_path.write_text("video,caption\na.mp4,hi\ngone.mp4,absent\n", encoding="utf-8")
-    with pytest.raises(Ts2Error, match=r"1 of 2 videos listed in .* were not found in .* \(gone.mp4\)"):
+    with pytest.raises(
+        Ts2Error, match=r"1 of 2 videos listed in .* were not found in .* \(gone.mp4\); .*--allow-missing"
+    ):
         load_caption_csv(csv_path)
     data = load_caption_csv(csv_path, allow_missing=True)
     assert data.captions == ["hi"]

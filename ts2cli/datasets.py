@@ -102,6 +102,8 @@ def load_caption_csv(csv_path: Path, videos_dir: Path | None = None, *, allow_mi
     csv_path = _require_file(Path(csv_path), "the caption list")
     videos_dir = Path(videos_dir) if videos_dir is not None else csv_path.parent
     rows = _read_csv(csv_path, required=("video", "caption"))
+    if not rows:
+        raise Ts2Error(f"{csv_path} lists no videos: it has a header and no rows.")
     bad = [line for line, row in rows if not row["video"] or not row["caption"]]
     if bad:
         raise Ts2Error(f"{csv_path} has rows without a video or a caption (lines {_short_list(bad)}).")
@@ -165,7 +167,7 @@ def _build(
     missing = [vid for vid in wanted if vid not in found]
     if missing and (not allow_missing or len(missing) == len(wanted)):
         partial = not allow_missing and len(missing) < len(wanted)
-        hint = "; add them, or allow missing videos to use the rest" if partial else ""
+        hint = "; add them, or pass --allow-missing to use the rest" if partial else ""
         raise Ts2Error(f"{len(missing)} of {len(wanted)} videos {where} ({_names(missing)}){hint}.")
 
     video_ids = [vid for vid in wanted if vid in found]
