@@ -199,7 +199,7 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
     assert 1 <= done_before < 24, "the run was not interrupted mid-way"
     if how == signal.SIGINT:
         assert process.returncode == 130 and "Traceback" not in stderr
-        assert "Interrupted; finished work is kept" in stderr
+        assert "Interrupted; the videos indexed so far are kept" in stderr
 
     resumed = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -36,7 +36,8 @@ console = Console(stderr=True, highlight=False)
 # The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
 # or redirected, rows are not folded to a terminal's width (rich's default 80, or an exported COLUMNS).
 output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDED_WIDTH)
-_state = {"debug": False, "fast_exit": False}
+_state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted."}
+"""``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train)."""
 
 LibraryDir = Annotated[
     Path | None,
@@ -156,6 +157,7 @@ def index_command(
         retry_failed=retry_failed,
         commit_every=commit_every,
     )
+    _state["interrupted"] = "Interrupted; the videos indexed so far are kept: run the command again to go on."
     with Library.open(library, write=True, create=True, wait=wait) as lib:
         loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
         with IndexProgressBar(console, enabled=not as_json) as bar:
@@ -303,7 +305,7 @@ def _caused_by_interrupt(error: BaseException) -> bool:
 
 
 def _interrupted() -> NoReturn:
-    console.print("Interrupted; finished work is kept, run the command again to resume.")
+    console.print(_state["interrupted"])
     sys.exit(130)
 
 
