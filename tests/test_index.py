@@ -122,6 +122,13 @@ def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, mo
     assert rebuilt.indexed == 1 and library.model_config()["frames"] == 8
 
 
+def test_a_folder_without_videos_says_so(tmp_path, tiny_files):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("no videos here")
+    run = subprocess.run(ts2_index(tmp_path / "notes", tmp_path / "lib", tiny_files), capture_output=True, text=True)
+    assert run.returncode == 0 and "note: No video files under" in run.stderr, run.stderr
+
+
 def test_missing_folder_is_an_error(tmp_path, library, model):
     from ts2cli.errors import Ts2Error
 

@@ -198,7 +198,16 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
 
     empty = run_ts2("search", "", "--library", library)
     missing = run_ts2("search", "x", "--library", str(tmp_path / "none"))
-    for failed, words in ((empty, "empty"), (missing, "No library")):
+    both = run_ts2("search", "x", "--like", "a.mp4", "--library", library)
+    two_outputs = run_ts2("search", "x", "--json", "--paths", "--library", library)
+    not_a_number = run_ts2("search", "x", "--min-score", "nan", "--library", library)
+    for failed, words in (
+        (empty, "empty"),
+        (missing, "No library"),
+        (both, "not both"),
+        (two_outputs, "Give --json or --paths, not both"),
+        (not_a_number, "--min-score must be a number"),
+    ):
         assert failed.returncode != 0 and words in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
 

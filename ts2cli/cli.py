@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -162,6 +163,12 @@ def index_command(
         loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
         with IndexProgressBar(console, enabled=not as_json) as bar:
             summary = index_folders(lib, loaded, options, bar)
+    if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):
+        console.print(
+            f"[yellow]note:[/yellow] No video files under {escape(', '.join(map(str, roots)))} (hidden files and "
+            "--exclude matches are skipped; ts2 looks for common video extensions such as .mp4, .mkv, .mov).",
+            soft_wrap=True,
+        )
     if as_json:
         print_json(summary.to_json())
     else:
@@ -214,7 +221,12 @@ def search_command(
     from .store import Library
 
     if (query is None) == (like is None):
-        raise Ts2Error('Give a query or --like VIDEO, e.g. ts2 search "dog catching a frisbee".')
+        both = ", not both" if query is not None else ""
+        raise Ts2Error(f'Give a query or --like VIDEO{both}, e.g. ts2 search "dog catching a frisbee".')
+    if as_json and paths:
+        raise Ts2Error("Give --json or --paths, not both.")
+    if min_score is not None and math.isnan(min_score):
+        raise Ts2Error("--min-score must be a number.")
     options = SearchOptions(limit=limit, candidates=candidates, within=within, min_score=min_score)
     with Library.open(library) as lib:
         require_searchable(lib)
