@@ -138,12 +138,15 @@ def test_msrvtt_eval_and_feature_cache(msrvtt_dir, tiny_checkpoint, tmp_path):
     # Another head setting reads every video's features from the cache: nothing is decoded again.
     second = evaluate(loaded, data, EvalOptions(batch_size=3, cache_dir=tmp_path / "cache", dsl=True, ties="official"))
     assert second.cache == {"hits": MSRVTT_ROWS, "decoded": 0, "failed": 0}
+    assert first.dtype in ("float32", "bfloat16") and second.dtype is None  # nothing ran in the second
     assert {"t2v_dsl", "v2t_dsl"} <= set(second.metrics)
     assert retrieval_report_equal(first.metrics["t2v"], evaluate(loaded, data, options).metrics["t2v"])
 
     # A run pinned to float32 keeps its own features (an "auto" run may have run bf16 on this CPU).
     pinned = load_model(ModelOptions(checkpoint=tiny_checkpoint, device="cpu", precision="float32"))
-    assert evaluate(pinned, data, options).cache == {"hits": 0, "decoded": MSRVTT_ROWS, "failed": 0}
+    pinned_result = evaluate(pinned, data, options)
+    assert pinned_result.cache == {"hits": 0, "decoded": MSRVTT_ROWS, "failed": 0}
+    assert pinned_result.dtype == "float32" and pinned_result.to_json()["dtype"] == "float32"
 
     # A touched file is a new cache entry.
     stat = data.videos[0].stat()

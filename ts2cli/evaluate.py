@@ -100,6 +100,9 @@ class EvalResult:
     cache: dict[str, int]
     model: dict[str, Any]
     seconds: float
+    dtype: str | None = None
+    """What the videos decoded in this run were embedded in ("float32", "bfloat16", "float16"); None when every
+    video came from the cache. ``--precision auto`` decides it on the first batch."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +117,7 @@ class EvalResult:
             "truncated_captions": self.truncated,
             "cache": self.cache,
             "model": {k: v for k, v in self.model.items() if k != MODEL_SOURCE_KEY},
+            "dtype": self.dtype,
             "seconds": round(self.seconds, 3),
         }
 
@@ -401,4 +405,5 @@ def evaluate(
         cache={"hits": videos.cached, "decoded": videos.decoded, "failed": len(videos.failed)},
         model=loaded.identity,
         seconds=time.perf_counter() - started,
+        dtype=str(loaded.dtype or torch.float32).removeprefix("torch.") if videos.decoded else None,
     )
