@@ -165,3 +165,15 @@ def test_text_only_loading_imports_neither_open_clip_nor_the_compiler(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_without_ts2net_parts_is_described_as_fine_tuned_clip(tmp_path):
+    from ts2cli.report import describe_model
+
+    net = tiny_net(seed=3, zero_shot=True)  # what `ts2 train --head meanpool` saves
+    path = tmp_path / "meanpool.safetensors"
+    save_checkpoint(net, path, net.config)
+    report = describe_model(load_model(ModelOptions(checkpoint=path, device="cpu")))
+    assert report["mode"] == "zero-shot" and report["note"].startswith("fine-tuned CLIP without TS2-Net parts")
+    clip_only = describe_model(load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu")))
+    assert clip_only["note"].startswith("zero-shot: CLIP frame features")

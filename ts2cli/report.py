@@ -11,12 +11,16 @@ ZERO_SHOT_NOTE = (
     "zero-shot: CLIP frame features combined by the TS2 similarity; no trained TS2-Net parts "
     "(pass --checkpoint for a trained model)"
 )
+FINE_TUNED_CLIP_NOTE = (
+    "fine-tuned CLIP without TS2-Net parts (a --head meanpool checkpoint): its frame features combined by the "
+    "TS2 similarity"
+)
 
 
 def describe_model(loaded: Any) -> dict[str, Any]:
     """The model's identity plus where it runs; ``mode`` and ``note`` say whether it is zero-shot."""
     identity = dict(loaded.identity)
-    note = ZERO_SHOT_NOTE if identity["mode"] == "zero-shot" else "trained TS2-Net"
+    note = _model_note(identity)
     return {**identity, "note": note, "device": str(loaded.device), "dtype": _dtype_name(loaded.dtype)}
 
 
@@ -57,7 +61,9 @@ def status_json(stats: Any) -> dict[str, Any]:
 
 
 def _model_note(model: dict[str, Any]) -> str:
-    return ZERO_SHOT_NOTE if model.get("mode") == "zero-shot" else "trained TS2-Net"
+    if model.get("mode") != "zero-shot":
+        return "trained TS2-Net"
+    return FINE_TUNED_CLIP_NOTE if model.get("checkpoint") else ZERO_SHOT_NOTE
 
 
 def status_table(status: dict[str, Any]) -> Table:
