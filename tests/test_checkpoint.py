@@ -112,6 +112,8 @@ def test_a_checkpoint_brings_its_own_compat_and_frames_unless_asked_otherwise(tm
     assert (own.config.compat, own.config.frames) == ("official", 4)
     assert (own.identity["compat"], own.identity["frames"]) == ("official", 4)
     assert (own.identity["source"]["compat"], own.identity["source"]["frames"]) == ("official", 4)
+    # what the checkpoint is, not the command line's defaults for CLIP weights it did not use
+    assert (own.identity["source"]["model"], own.identity["source"]["pretrained"]) == (net.config.backbone, None)
     asked = load_model(ModelOptions(checkpoint=path, device="cpu", compat="fixed", frames=6))
     assert (asked.config.compat, asked.config.frames) == ("fixed", 6)
     clip_only = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu"))

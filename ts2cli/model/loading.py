@@ -60,11 +60,12 @@ class ModelOptions:
 def model_source(options: ModelOptions, config: TS2Config, weights_file: Path | None) -> dict[str, Any]:
     """How to load this model again without asking open_clip anything (what ``ts2 search`` does)."""
     checkpoint = str(Path(options.checkpoint).expanduser().resolve()) if options.checkpoint else None
+    from_checkpoint = options.checkpoint is not None  # then the command line's model and CLIP weights played no part
     return {
-        "model": options.model,
+        "model": config.backbone if from_checkpoint else options.model,
         "backbone_cfg": config.backbone_cfg,
         "quick_gelu": config.quick_gelu,
-        "pretrained": options.pretrained,
+        "pretrained": None if from_checkpoint else options.pretrained,
         "weights_file": str(weights_file.resolve()) if weights_file else None,
         "checkpoint": checkpoint,
         "compat": config.compat,
