@@ -12,19 +12,22 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 from typer.testing import CliRunner
 
+import ts2cli.train as train_module
 from ts2cli.cli import app
 from ts2cli.datasets import CaptionSet, load_caption_csv
-from ts2cli.errors import Ts2Error
+from ts2cli.errors import CheckpointError, Ts2Error, VideoDecodeError
 from ts2cli.evaluate import EvalOptions, evaluate, frame_sampler
 from ts2cli.model import LoadedModel, ModelOptions, load_model, read_checkpoint
 from ts2cli.model.preprocess import tokenize
 from ts2cli.synthetic import write_shapes_dataset
 from ts2cli.train import (
     FROZEN,
+    STATE_FILE,
     BertAdam,
     Trainer,
     TrainOptions,
     TrainProgress,
+    TrainSummary,
     WarmupCosine,
     clip_to_fp16,
     epoch_items,
@@ -242,3 +245,167 @@ def test_cli_train_then_eval(shapes, tmp_path):
     )
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.stdout)["queries"] == len(shapes.captions)
+
+
+# --- interruptions, failures and reproducibility ---------------------------------------------------------------
+
+RESUMABLE = {"epochs": 2, "batch_size": 4, "micro_batch": 2, "lr": 1e-3, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def straight(shapes, tmp_path_factory) -> TrainSummary:
+    """Two epochs without a stop: what every interrupted-then-resumed run below must end with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests' own runs (one_torch_thread): float sums in the same order
+    try:
+        return train(TINY, shapes, TrainOptions(out_dir=tmp_path_factory.mktemp("straight") / "run", **RESUMABLE))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_weights(a: TrainSummary, b: TrainSummary) -> None:
+    _, first = read_checkpoint(a.checkpoint)
+    _, second = read_checkpoint(b.checkpoint)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+@pytest.mark.parametrize(
+    ("when", "name"),
+    [("after", "epoch-{}.safetensors"), ("before", "last.safetensors"), ("after", "last.safetensors")],
+    ids=["after-epoch-file", "before-last", "after-last"],
+)
+def test_an_interrupted_save_leaves_a_run_that_continues_exactly(
+    shapes, tmp_path, monkeypatch, straight, epoch, when, name
+):
+    """A SIGINT anywhere in an epoch's save: the files left behind resume as if nothing had happened."""
+    real_save = train_module.save_checkpoint
+    stop_at = name.format(epoch)
+
+    def save_and_stop(net, path, config) -> None:
+        # The real save runs; only the interruption is added, at the chosen moment of the chosen epoch.
+        here = path.name == stop_at and config.provenance["epoch"] == epoch
+        if here and when == "before":
+            raise KeyboardInterrupt
+        real_save(net, path, config)
+        if here and when == "after":
+            raise KeyboardInterrupt
+
+    options = TrainOptions(out_dir=tmp_path / "run", **RESUMABLE)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, shapes, options)
+    monkeypatch.undo()
+
+    if epoch == 1 and stop_at == "epoch-1.safetensors":
+        # Nothing was committed: --resume says so, and a plain run starts over in the same folder.
+        with pytest.raises(Ts2Error, match="start without --resume"):
+            train(TINY, shapes, dataclasses.replace(options, resume=True))
+        finished = train(TINY, shapes, options)
+    else:
+        finished = train(TINY, shapes, dataclasses.replace(options, resume=True))
+    assert [e.loss for e in finished.epochs] == [e.loss for e in straight.epochs]
+    assert_same_weights(finished, straight)
+
+
+def test_same_seed_gives_identical_checkpoints(shapes, tmp_path):
+    """From CLIP weights the new parts are initialised at random: the seed must decide how."""
+    weights = tmp_path / "tiny.pt"
+    torch.save({k.removeprefix("clip."): v for k, v in tiny_net(zero_shot=True).state_dict().items()}, weights)
+    model = dataclasses.replace(TINY, pretrained=str(weights))
+    options = TrainOptions(out_dir=tmp_path / "a", epochs=1, batch_size=4, micro_batch=4, seed=3)
+    first = train(model, shapes, options)
+    torch.rand(100)  # whatever the global RNG holds before a run must not matter
+    second = train(model, shapes, dataclasses.replace(options, out_dir=tmp_path / "b"))
+    assert_same_weights(first, second)
+
+
+def test_clip_fp16_run_evaluates_on_the_cpu(shapes, tmp_path):
+    options = TrainOptions(
+        out_dir=tmp_path / "run", epochs=2, batch_size=4, micro_batch=4, clip_lr=1e-3, clip_fp16=True
+    )
+    summary = train(TINY, shapes, options, eval_data=shapes)
+    assert all(e.metrics is not None for e in summary.epochs)
+    # The evaluation gave the weights back in fp16, still the optimiser's, and the checkpoint records its metrics.
+    _, first = read_checkpoint(tmp_path / "run" / "epoch-1.safetensors")
+    config, last = read_checkpoint(summary.checkpoint)
+    assert last["clip.visual.proj"].dtype == torch.float16
+    assert not torch.equal(first["clip.visual.proj"], last["clip.visual.proj"])
+    assert config.provenance["eval"] == summary.epochs[-1].metrics
+
+
+class StopInEvaluation(TrainProgress):
+    def start(self, description: str, total: int) -> None:
+        raise KeyboardInterrupt  # as if the run were killed while the first evaluation runs
+
+
+def test_an_interrupted_evaluation_loses_no_training(shapes, tmp_path, straight):
+    options = TrainOptions(out_dir=tmp_path / "run", **RESUMABLE)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, shapes, options, eval_data=shapes, progress=StopInEvaluation())
+    resumed = train(TINY, shapes, dataclasses.replace(options, resume=True))
+    assert [e.steps for e in resumed.epochs] == [2, 4]  # epoch 1 was kept, not trained again
+    assert_same_weights(resumed, straight)
+
+
+def test_an_epoch_without_a_step_is_an_error(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in "abcd":
+        (tmp_path / f"{name}.mp4").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    (tmp_path / "list.csv").write_text("video,caption\n" + "".join(f"{n}.mp4,clip {n}\n" for n in "abcd"))
+    data = load_caption_csv(tmp_path / "list.csv")
+    out = tmp_path / "run"
+    with pytest.raises(VideoDecodeError, match="could not run a single step"):
+        train(TINY, data, TrainOptions(out_dir=out, epochs=1, batch_size=2))
+    assert not list(out.glob("*.safetensors")) and not (out / STATE_FILE).exists()
+
+
+def test_resume_from_a_corrupt_state_is_a_one_line_error(shapes, tmp_path):
+    options = TrainOptions(out_dir=tmp_path / "run", epochs=1, batch_size=4, micro_batch=4)
+    train(TINY, shapes, options)
+    state_file = tmp_path / "run" / STATE_FILE
+    whole = state_file.read_bytes()
+    state = torch.load(state_file, weights_only=True)
+    del state["recipe"]
+    torch.save(state, tmp_path / "no-recipe.pt")
+    for broken in (whole[: len(whole) // 2], b"not a state file", (tmp_path / "no-recipe.pt").read_bytes()):
+        state_file.write_bytes(broken)
+        with pytest.raises(CheckpointError, match=STATE_FILE) as error:
+            train(TINY, shapes, dataclasses.replace(options, resume=True))
+        assert "\n" not in str(error.value)
+
+
+def test_out_that_is_a_file_is_refused_up_front(shapes, tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    progress = Recorder()
+    with pytest.raises(Ts2Error, match="--out"):
+        train(TINY, shapes, TrainOptions(out_dir=tmp_path / "run", epochs=1, batch_size=4), progress=progress)
+    assert progress.losses == []
+
+
+def test_resume_may_change_the_micro_batch_only(shapes, tmp_path):
+    options = TrainOptions(out_dir=tmp_path / "run", **RESUMABLE)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, shapes, options, progress=Recorder(stop_after=1))
+    with pytest.raises(Ts2Error, match="other settings \\(--clip-lr, --lr\\)"):
+        train(TINY, shapes, dataclasses.replace(options, resume=True, lr=5e-4, clip_lr=1e-3))
+    resumed = train(TINY, shapes, dataclasses.replace(options, resume=True, micro_batch=4))
+    assert [e.steps for e in resumed.epochs] == [2, 4] and math.isfinite(resumed.epochs[-1].loss)
+
+
+def test_cli_train_reports_missing_videos(shapes, tmp_path):
+    listed = shapes.videos[0].parents[1] / "captions.csv"
+    csv = tmp_path / "with-ghost.csv"
+    csv.write_text(listed.read_text() + "ghost.mp4,a ghost\n")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    model = ["--model", str(config), "--pretrained", "none", "--device", "cpu", "--frames", "4", "--json"]
+    run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--allow-missing"]
+    trained = CliRunner().invoke(
+        app, ["train", "captions", "--csv", str(csv), "--videos", str(listed.parent), *run, *model]
+    )
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout)
+    assert summary["missing"] == ["ghost.mp4"] and summary["eval_missing"] == []
+    config_, _ = read_checkpoint(summary["checkpoint"])
+    assert config_.provenance["missing_videos"] == 1

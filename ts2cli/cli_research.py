@@ -379,6 +379,11 @@ def train_table(summary: TrainSummary) -> Table:
         notes.insert(0, f"best t2v R@1 at epoch {best.epoch}, last epoch {last.epoch}")
     if summary.failed:
         notes.append(f"{len(summary.failed)} videos could not be decoded and were left out")
+    if summary.missing or summary.eval_missing:
+        notes.append(
+            f"{len(summary.missing)} training and {len(summary.eval_missing)} evaluation videos were missing "
+            "(--allow-missing): not comparable to full-set numbers"
+        )
     table = Table(title=f"training: {summary.steps} steps", caption="; ".join(notes))
     for column in ("epoch", "loss", "t2v R@1", "t2v R@5", "t2v R@10", "v2t R@1", "checkpoint"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")

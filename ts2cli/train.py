@@ -11,11 +11,14 @@
   which plain gradient accumulation (a loss per micro-batch, fewer negatives) would not give.
 * Precision: fp32 master weights with fp16/bf16 autocast on CUDA (fp32 on the CPU), or ``clip_fp16``: the
   reference's CLIP with its matrices stored, trained and updated in fp16, no loss scaling (spec §10.2).
-* Determinism: the data order of an epoch and the top-k noise of a step are derived from the seed, so a run
-  resumed from its epoch checkpoint continues exactly as if it had not stopped.
+* Determinism: the new parts' initial weights, the data order of an epoch and the top-k noise of a step are
+  derived from the seed, so two runs with the same options give the same weights, and a run resumed from its
+  epoch checkpoint continues exactly as if it had not stopped.
 
-Each epoch writes ``epoch-N.safetensors`` and ``last.safetensors`` (usable with ``--checkpoint``) plus
-``last.state.pt`` (optimiser, schedule, scaler, history) for ``--resume``.
+Each epoch writes ``epoch-N.safetensors``, then ``last.state.pt`` (optimiser, schedule, scaler, history) for
+``--resume``, then ``last.safetensors`` (a copy of the newest epoch for ``--checkpoint``). The state file is the
+commit point: ``--resume`` takes the weights of the epoch it records, so an interruption anywhere in between
+leaves a consistent pair behind.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,7 +40,7 @@ from torch import nn
 
 from .datasets import CaptionSet
 from .decode import decode_ahead
-from .errors import Ts2Error, VideoDecodeError
+from .errors import CheckpointError, Ts2Error, VideoDecodeError, one_line
 from .evaluate import (
     EvalOptions,
     EvalProgress,
@@ -68,6 +72,10 @@ FROZEN = (
 LOGIT_SCALE = "clip.logit_scale"
 LAST_CHECKPOINT = "last.safetensors"
 STATE_FILE = "last.state.pt"
+STATE_KEYS = ("epoch", "step", "optimizer", "scheduler", "scaler", "recipe", "items", "history", "failed")
+# Options that change only memory use: a resumed run may change them. (A different --micro-batch regroups the
+# top-k noise draws and float sums, so the continuation is equivalent but not bit-identical.)
+MEMORY_ONLY = ("micro_batch",)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,10 @@ class TrainSummary:
     failed: dict[str, str]
     steps: int
     seconds: float
+    missing: list[str] = dataclasses.field(default_factory=list)
+    """Training videos left out because their files were absent (``--allow-missing``)."""
+    eval_missing: list[str] = dataclasses.field(default_factory=list)
+    """The same for the evaluation list: its metrics are then not comparable with full-set numbers."""
 
     @property
     def best_epoch(self) -> EpochRecord | None:
@@ -142,6 +154,8 @@ class TrainSummary:
             "best_epoch": best.epoch if best else None,
             "last_epoch": self.epochs[-1].epoch if self.epochs else None,
             "failed": [{"video": v, "reason": r} for v, r in self.failed.items()],
+            "missing": self.missing,
+            "eval_missing": self.eval_missing,
             "seconds": round(self.seconds, 3),
         }
 
@@ -338,8 +352,9 @@ class Trainer:
         freeze_embeddings(net)
         self.parameters = [p for p in net.parameters() if p.requires_grad]
         self.dtype = autocast_dtype(self.device, options.precision, options.clip_fp16)
-        if options.clip_fp16:
-            # Evaluation after an epoch must feed the fp16 weights fp16 activations too.
+        if options.clip_fp16 and self.device.type == "cuda":
+            # Evaluation after an epoch must feed the fp16 weights fp16 activations too. LoadedModel autocasts only
+            # on CUDA; on other devices ``_evaluate`` runs the weights in fp32 instead.
             loaded.dtype = torch.float16
         # Evaluation runs the weights being trained, in their own precision: never a bf16 copy taken at the
         # first evaluation (``LoadedModel.choose_precision``), which later epochs would not update.
@@ -376,7 +391,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         recipe = self._recipe()
-        changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
+        # Named as the command-line options (fields without an option, such as max_grad_norm, read alike).
+        changed = sorted(
+            f"--{k.replace('_', '-')}" for k in recipe if k not in MEMORY_ONLY and state["recipe"].get(k) != recipe[k]
+        )
         if state["items"] != len(self.data):
             changed.append(f"data ({state['items']} items before, {len(self.data)} now)")
         if changed:
@@ -491,17 +509,28 @@ class Trainer:
                     losses.append(loss)
                     progress.step_done(loss, lr)
                 batch = []
-        return (float(np.mean(losses)) if losses else float("nan")), lr
+        if not losses:
+            # Otherwise untrained weights would be saved and labelled as a trained epoch.
+            raise VideoDecodeError(
+                f"Epoch {self.epoch + 1} could not run a single step: the videos of every batch failed to decode "
+                f"({len(self.failed)} of {len(self.data.videos)} videos failed)."
+            )
+        return float(np.mean(losses)), lr
 
     def save(self, record: EpochRecord, provenance: dict[str, Any]) -> None:
+        """Commit the epoch. Each file is replaced atomically, and the state file, which ``--resume`` pairs with
+        the epoch checkpoint it records, is written only once that checkpoint is complete."""
         out = Path(self.options.out_dir)
         config = dataclasses.replace(self.loaded.config, provenance=_jsonable(provenance))
-        save_checkpoint(self.net, out / f"epoch-{record.epoch}.safetensors", config)
-        save_checkpoint(self.net, out / LAST_CHECKPOINT, config)
-        # Written last: a state file always belongs to the checkpoint beside it.
+        save_checkpoint(self.net, epoch_checkpoint(out, record.epoch), config)
         partial = out / f".{STATE_FILE}.partial"
         torch.save(self.state_dict(), partial)
         os.replace(partial, out / STATE_FILE)
+        save_checkpoint(self.net, out / LAST_CHECKPOINT, config)
+
+
+def epoch_checkpoint(out: Path, epoch: int) -> Path:
+    return out / f"epoch-{epoch}.safetensors"
 
 
 def train(
@@ -522,12 +551,27 @@ def train(
     _check(options, data)
     out = Path(options.out_dir)
     state = _resume_state(out) if options.resume else None
-    if state is None and (out / LAST_CHECKPOINT).exists():
+    if state is None and (out / STATE_FILE).exists():
         raise Ts2Error(f"{out} already holds a training run; continue it with --resume or choose another --out.")
-    loaded = _load(model, options, resume_from=out / LAST_CHECKPOINT if state else None)
+    if state is None and (out / LAST_CHECKPOINT).exists():
+        raise Ts2Error(
+            f"{out} holds {LAST_CHECKPOINT} but no {STATE_FILE} to resume it from; choose another --out, "
+            f"or delete {LAST_CHECKPOINT} there to start over."
+        )
+    _check_out(out)
+    # Building a model from CLIP weights initialises the new parts from torch's global RNG: seed it (without
+    # disturbing the caller's RNG) so that the same options give the same run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        loaded = _load(model, options, resume_from=epoch_checkpoint(out, state["epoch"]) if state else None)
     trainer = Trainer(loaded, data, options)
     if state is not None:
+        committed = epoch_checkpoint(out, state["epoch"])
+        if loaded.config.provenance.get("epoch") != state["epoch"]:
+            raise CheckpointError(f"Cannot resume: {committed} is not the epoch {out / STATE_FILE} records.")
         trainer.load_state_dict(state)
+        # An interruption between the state file and last.safetensors leaves the latter an epoch behind.
+        _replace_with_copy(committed, out / LAST_CHECKPOINT)
     config = loaded.config
     sampling, sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
     frames = frames or FrameMemory(sampler, options.frame_memory_mb * 1024 * 1024)
@@ -539,17 +583,13 @@ def train(
         progress.epoch_start(trainer.epoch + 1, options.epochs, trainer.steps_per_epoch)
         loss, lr = trainer.run_epoch(frames, progress)
         trainer.epoch += 1
-        metrics = None
-        if eval_data is not None:
-            metrics = _evaluate(trainer, eval_data, frames, progress)
         record = EpochRecord(
             epoch=trainer.epoch,
             loss=loss,
             lr=lr,
             steps=trainer.step,
             seconds=round(time.perf_counter() - epoch_started, 3),
-            checkpoint=str(out / f"epoch-{trainer.epoch}.safetensors"),
-            metrics=metrics,
+            checkpoint=str(epoch_checkpoint(out, trainer.epoch)),
         )
         trainer.history.append(record)
         provenance = {
@@ -557,14 +597,20 @@ def train(
             "head": options.head,
             "data": data_name,
             "items_per_epoch": len(data),
+            "missing_videos": len(data.missing),
             "sampling": sampling,
             "epoch": trainer.epoch,
             "step": trainer.step,
             "recipe": options.recipe(),
             "started_from": started_from,
-            "eval": metrics,
+            "eval": None,
         }
+        # Committed before the evaluation, so that a failed or interrupted evaluation loses no training.
         trainer.save(record, provenance)
+        if eval_data is not None:
+            record.metrics = _evaluate(trainer, eval_data, frames, progress)
+            record.seconds = round(time.perf_counter() - epoch_started, 3)
+            trainer.save(record, {**provenance, "eval": record.metrics})
         progress.epoch_done(record)
 
     return TrainSummary(
@@ -574,20 +620,29 @@ def train(
         failed=trainer.failed,
         steps=trainer.step,
         seconds=time.perf_counter() - started,
+        missing=list(data.missing),
+        eval_missing=list(eval_data.missing) if eval_data is not None else [],
     )
 
 
 def _evaluate(
     trainer: Trainer, data: CaptionSet, frames: FrameMemory, progress: TrainProgress
 ) -> dict[str, dict[str, float]]:
-    trainer.net.eval()
+    net = trainer.net.eval()
+    # Without CUDA's autocast the fp16 CLIP weights would meet fp32 activations: evaluate them in fp32 (the same
+    # values, exactly), then store them back in fp16 for the next epoch.
+    upcast = trainer.options.clip_fp16 and trainer.device.type != "cuda"
+    if upcast:
+        net.float()
     try:
         options = EvalOptions(
             batch_size=trainer.options.micro_batch, workers=trainer.options.workers, ties=trainer.options.ties
         )
         result = evaluate(trainer.loaded, data, options, progress=progress, sampler=frames, head=trainer.options.head)
     finally:
-        trainer.net.train()
+        if upcast:
+            clip_to_fp16(net.clip)
+        net.train()
     return result.metrics
 
 
@@ -604,11 +659,42 @@ def _check(options: TrainOptions, data: CaptionSet) -> None:
         raise Ts2Error(f"Unknown --precision '{options.precision}'; use {', '.join(PRECISIONS)}.")
 
 
+def _check_out(out: Path) -> None:
+    """Checked before any work: the first checkpoint is written only after a whole epoch."""
+    if out.exists() and not out.is_dir():
+        raise Ts2Error(f"--out {out} is a file; give a folder for the checkpoints.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise Ts2Error(f"Cannot create the --out folder {out}: {one_line(error)}") from None
+
+
 def _resume_state(out: Path) -> dict[str, Any]:
-    checkpoint, state_file = out / LAST_CHECKPOINT, out / STATE_FILE
-    if not checkpoint.is_file() or not state_file.is_file():
-        raise Ts2Error(f"Nothing to resume in {out}: it needs {LAST_CHECKPOINT} and {STATE_FILE} from an earlier run.")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
+    """The committed training state in ``out``, checked for the keys ``Trainer.load_state_dict`` reads and for
+    the epoch checkpoint it belongs to."""
+    state_file = out / STATE_FILE
+    if not state_file.is_file():
+        raise Ts2Error(
+            f"Nothing to resume in {out}: it has no {STATE_FILE}, which a run writes when an epoch is complete; "
+            "start without --resume."
+        )
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign files fail in many ways inside torch and zipfile
+        raise CheckpointError(f"Cannot resume: {state_file} is unreadable ({one_line(error)}).") from None
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"Cannot resume: {state_file} is not a ts2 training state (no {', '.join(missing)}).")
+    checkpoint = epoch_checkpoint(out, state["epoch"])
+    if not checkpoint.is_file():
+        raise CheckpointError(f"Cannot resume: {checkpoint}, the weights {state_file} belongs to, is missing.")
+    return state
+
+
+def _replace_with_copy(source: Path, target: Path) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
 
 
 def _load(model: ModelOptions, options: TrainOptions, *, resume_from: Path | None) -> LoadedModel:
