@@ -15,7 +15,7 @@ from tiny_models import tiny_config, tiny_net
 
 from ts2cli.datasets import load_caption_csv, load_msrvtt_test
 from ts2cli.errors import Ts2Error
-from ts2cli.evaluate import EvalOptions, check_msrvtt_dir, evaluate, retrieval_report
+from ts2cli.evaluate import EvalOptions, FeatureCache, check_msrvtt_dir, evaluate, retrieval_report
 from ts2cli.model import ModelOptions, load_model, save_checkpoint
 from ts2cli.model.preprocess import frames_to_tensor
 from ts2cli.official_sampling import resize_and_crop, sample_official, second_starts, thin_out
@@ -147,6 +147,18 @@ def test_msrvtt_eval_and_feature_cache(msrvtt_dir, tiny_checkpoint, tmp_path):
     pinned_result = evaluate(pinned, data, options)
     assert pinned_result.cache == {"hits": 0, "decoded": MSRVTT_ROWS, "failed": 0}
     assert pinned_result.dtype == "float32" and pinned_result.to_json()["dtype"] == "float32"
+
+    # A cache folder that cannot be made is said up front; one that stops taking files costs only the cache.
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    with pytest.raises(Ts2Error, match=r"Cannot use .*a-file as the feature cache"):
+        evaluate(loaded, data, EvalOptions(batch_size=3, cache_dir=not_a_folder))
+    entries = tmp_path / "full-cache"
+    cache = FeatureCache(entries, loaded, first.sampling)
+    cache.directory.rmdir()
+    cache.directory.write_text("")  # now nothing can be written there
+    cache.save(data.videos[0], np.zeros((2, 4), np.float32), np.ones(2, bool))
+    assert not cache.writable
 
     # A touched file is a new cache entry.
     stat = data.videos[0].stat()

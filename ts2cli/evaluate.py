@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .datasets import MSRVTT_DATA_JSON, MSRVTT_TEST_CSV, MSRVTT_TRAIN_CSV, MSRVTT_VIDEO_DIRS, CaptionSet
 from .decode import decode_ahead, sample_frames
-from .errors import Ts2Error
+from .errors import Ts2Error, one_line
 from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
 from .model import LoadedModel, TS2Net
 from .model.config import Compat
@@ -189,6 +189,12 @@ class FeatureCache:
         key["precision"] = loaded.precision
         self.key = _digest(key)
         self.directory = Path(directory) / self.key[:16]
+        try:  # before any work: a cache folder that cannot be made is the user's to fix
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            reason = one_line(error)
+            raise Ts2Error(f"Cannot use {directory} as the feature cache: {reason} (see --cache-dir).") from None
+        self.writable = True
 
     def _file(self, video: Path) -> Path | None:
         try:
@@ -210,14 +216,21 @@ class FeatureCache:
 
     def save(self, video: Path, frames: np.ndarray, mask: np.ndarray) -> None:
         file = self._file(video)
-        if file is None:
+        if file is None or not self.writable:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         # Temp file + rename: a run killed mid-write never leaves a truncated entry behind.
-        handle, partial = tempfile.mkstemp(dir=self.directory, suffix=".partial")
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, frames=frames, mask=mask)
-        os.replace(partial, file)
+        try:
+            handle, partial = tempfile.mkstemp(dir=self.directory, suffix=".partial")
+        except OSError:
+            self.writable = False  # a folder gone read-only (or full) costs the cache, not the evaluation
+            return
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.savez(out, frames=frames, mask=mask)
+            os.replace(partial, file)
+        except OSError:
+            self.writable = False
+            Path(partial).unlink(missing_ok=True)
 
 
 def _digest(data: dict[str, Any]) -> str:
