@@ -203,6 +203,13 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
     with pytest.raises(Ts2Error, match="header row with the columns video, caption"):
         load_caption_csv(csv_path)
 
+    # a caption may hold any character, Unicode line separators too; a quoted line break stays in its caption
+    csv_path.write_text('video,caption\na.mp4,one\u2028two\x85three\na.mp4,"four\nfive"\n', encoding="utf-8")
+    assert load_caption_csv(csv_path).captions == ["one\u2028two\x85three", "four\nfive"]
+    csv_path.write_text('video,caption\na.mp4,"x\ny"\na.mp4\n', encoding="utf-8")
+    with pytest.raises(Ts2Error, match=r"too few columns \(lines 4\)"):  # the file's line, not the record's
+        load_caption_csv(csv_path)
+
     csv_path.write_text("video,caption\n", encoding="utf-8")  # metrics over no queries would be NaN
     with pytest.raises(Ts2Error, match="lists no videos: it has a header and no rows"):
         load_caption_csv(csv_path)

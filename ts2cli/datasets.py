@@ -12,6 +12,7 @@ the data directory, first hit wins:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -192,10 +193,12 @@ def _read_csv(
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise Ts2Error(f"Could not read {path}: {error}.") from error
-    lines = text.splitlines()
+    first = text.partition("\n")[0]
     # Some published copies of the MSR-VTT lists are ';'-separated.
-    delimiter = ";" if lines and ";" in lines[0] and "," not in lines[0] else ","
-    reader = csv.reader(lines, delimiter=delimiter)
+    delimiter = ";" if ";" in first and "," not in first else ","
+    # The csv module splits records (only \r and \n, quoted line breaks kept); str.splitlines would also split
+    # a caption at U+2028 and other Unicode line separators.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [(aliases or {}).get(name.strip(), name.strip()) for name in next(reader, [])]
     absent = [name for name in required if name not in header]
     if absent:
@@ -205,7 +208,8 @@ def _read_csv(
         )
     columns = {name: header.index(name) for name in required}
     rows, short = [], []
-    for line, values in enumerate(reader, start=2):
+    for values in reader:
+        line = reader.line_num  # the file's line where the record ends
         if not any(v.strip() for v in values):
             continue
         if len(values) <= max(columns.values()):
