@@ -93,6 +93,9 @@ def test_own_format_round_trips_bit_exactly(tmp_path):
     path = tmp_path / "model.safetensors"
     config = dataclasses.replace(net.config, provenance={"data": "unit test", "epochs": 0})
     save_checkpoint(net, path, config)
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777  # readable as any file the user makes
     loaded = load_model(ModelOptions(checkpoint=path, device="cpu"))
     assert loaded.config == config and loaded.config.provenance == {"data": "unit test", "epochs": 0}
     state = loaded.net.state_dict()

@@ -44,7 +44,11 @@ def save_checkpoint(model: torch.nn.Module, path: Path, config: TS2Config) -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb"):  # made as any new file is, so its mode honours the umask
+        pass
+    mode = partial.stat().st_mode & 0o777
     save_file(tensors, str(partial), metadata=metadata)
+    os.chmod(partial, mode)  # safetensors writes through a private (0600) temporary file of its own
     os.replace(partial, path)
 
 
