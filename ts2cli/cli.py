@@ -289,7 +289,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if _caused_by_interrupt(done):
+        if done.code not in (None, 0) and _caused_by_interrupt(done):
             _interrupted()
         if _state["fast_exit"] and done.code in (None, 0):
             _exit_now()

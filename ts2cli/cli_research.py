@@ -207,11 +207,11 @@ def _model(
 def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any, as_json: bool) -> None:
     from .cli import _state, console, output, print_json
     from .evaluate import evaluate
+    from .model import load_model
+    from .progress import ResearchProgress
 
     if options.cache_dir is not None:
         _state["interrupted"] = "Interrupted; decoded videos are cached: run the command again to go on."
-    from .model import load_model
-    from .progress import ResearchProgress
 
     data = load()
     loaded = load_model(model)
