@@ -30,6 +30,9 @@ def test_model_report_says_zero_shot(tmp_path):
     report = json.loads(result.stdout)
     assert report["mode"] == "zero-shot" and "zero-shot" in report["note"]
     assert report["embed_dim"] == 64 and report["device"] == "cpu" and report["compat"] == "fixed"
+    assert report["precision"] == "auto" and report["dtype"] is None  # the first video batch decides
+    pinned = run_ts2("model", "--model", str(config), "--pretrained", str(weights), "--precision", "float32", "--json")
+    assert json.loads(pinned.stdout)["dtype"] == "float32"  # nothing left to decide
 
 
 def test_missing_weights_is_one_line_and_non_zero(tmp_path):

@@ -21,7 +21,9 @@ def describe_model(loaded: Any) -> dict[str, Any]:
     """The model's identity plus where it runs; ``mode`` and ``note`` say whether it is zero-shot."""
     identity = dict(loaded.identity)
     note = _model_note(identity)
-    return {**identity, "note": note, "device": str(loaded.device), "dtype": _dtype_name(loaded.dtype)}
+    # --precision auto on a CPU: bf16 only where the first video batch shows it accurate and faster
+    dtype = _dtype_name(loaded.dtype) if loaded.precision_known else None
+    return {**identity, "note": note, "device": str(loaded.device), "precision": loaded.precision, "dtype": dtype}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -36,6 +38,8 @@ def model_table(report: dict[str, Any]) -> Table:
         if key == "source":  # how to load it again: only where the weights come from is for people
             value = _weights_place(value)
             key = "loaded from"
+        if key == "dtype" and value is None:
+            value = "decided on the first video batch (float32, or bfloat16 where accurate and faster)"
         table.add_row(key, "-" if value is None else escape(str(value)))
     return table
 
