@@ -158,7 +158,7 @@ def index_command(
         retry_failed=retry_failed,
         commit_every=commit_every,
     )
-    _state["interrupted"] = "Interrupted; the videos indexed so far are kept: run the command again to go on."
+    on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
     with Library.open(library, write=True, create=True, wait=wait) as lib:
         loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
         with IndexProgressBar(console, enabled=not as_json) as bar:
@@ -314,6 +314,11 @@ def _caused_by_interrupt(error: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def on_interrupt(message: str) -> None:
+    """What Ctrl-C during the running command leaves behind, in words (default: "Interrupted.")."""
+    _state["interrupted"] = message
 
 
 def _interrupted() -> NoReturn:

@@ -205,13 +205,13 @@ def _model(
 
 
 def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any, as_json: bool) -> None:
-    from .cli import _state, console, output, print_json
+    from .cli import console, on_interrupt, output, print_json
     from .evaluate import evaluate
     from .model import load_model
     from .progress import ResearchProgress
 
     if options.cache_dir is not None:
-        _state["interrupted"] = "Interrupted; decoded videos are cached: run the command again to go on."
+        on_interrupt("Interrupted; decoded videos are cached: run the command again to go on.")
 
     data = load()
     loaded = load_model(model)
@@ -357,11 +357,11 @@ def _run_train(
     options: Any,
     as_json: bool,
 ) -> None:
-    from .cli import _state, console, output, print_json
+    from .cli import console, on_interrupt, output, print_json
     from .progress import ResearchProgress
     from .train import train
 
-    _state["interrupted"] = f"Interrupted; saved epochs are kept in {options.out_dir}: continue with --resume."
+    on_interrupt(f"Interrupted; saved epochs are kept in {options.out_dir}: continue with --resume.")
 
     with ResearchProgress(console, enabled=not as_json) as bar:
         summary = train(model, train_set, options, eval_data=eval_set, data_name=name, progress=bar)

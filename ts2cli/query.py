@@ -87,7 +87,7 @@ def search_model_options(
     if source:
         base = options_from_source(source, device)
     else:
-        base = ModelOptions(device=device, compat=stored.get("compat", "fixed"), frames=stored.get("frames", 12))
+        base = ModelOptions(device=device, compat=stored.get("compat"), frames=stored.get("frames"))
     changes: dict[str, Any] = {}
     if model is not None:
         changes |= {"model": model.model, "backbone_cfg": model.backbone_cfg, "quick_gelu": None}
