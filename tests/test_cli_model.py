@@ -19,6 +19,20 @@ def test_version_and_help():
     assert result.returncode == 0 and result.stdout.startswith("ts2 ")
 
 
+def test_usage_errors_are_plain_lines():
+    for args, said in (
+        (("index", "--batch-size", "many", "videos"), "Invalid value for '--batch-size'"),
+        (("search", "cat", "--top", "3"), "No such option: --top"),
+        (("eval", "msrvtt", "--frames", "0"), "Invalid value for '--frames'"),
+    ):
+        result = run_ts2(*args)
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and said in errors[0], result.stderr
+        assert not set("╭│╰") & set(result.stderr), result.stderr  # no box drawn around the message
+    assert "index [OPTIONS] {FOLDERS}..." in run_ts2("index", "--help").stdout
+
+
 def test_model_report_says_zero_shot(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_CLIP))

@@ -30,6 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors: a mistyped option is one "Error: …" line under the usage, not a boxed panel.
+    rich_markup_mode=None,
 )
 UNFOLDED_WIDTH = 4096
 console = Console(stderr=True, highlight=False)
@@ -119,9 +121,13 @@ def model_command(
 
 @app.command("index")
 def index_command(
-    folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index, searched recursively.")],
+    folders: Annotated[
+        list[Path], typer.Argument(metavar="FOLDERS", help="Folders (or files) to index, searched recursively.")
+    ],
     library: LibraryDir = None,
-    exclude: Annotated[list[str], typer.Option("--exclude", help="Skip files or folders matching this glob.")] = [],  # noqa: B006
+    exclude: Annotated[
+        list[str], typer.Option("--exclude", metavar="GLOB", help="Skip files or folders matching this glob.")
+    ] = [],  # noqa: B006
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Videos per model batch (default: auto).")
@@ -196,7 +202,9 @@ app.command("info", help="Alias of status.")(status_command)
 
 @app.command("search")
 def search_command(
-    query: Annotated[str | None, typer.Argument(help="What happens in the video you are looking for.")] = None,
+    query: Annotated[
+        str | None, typer.Argument(metavar="QUERY", help="What happens in the video you are looking for.")
+    ] = None,
     like: Annotated[Path | None, typer.Option("--like", help="Find videos similar to this video file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Number of results.")] = 10,
     candidates: Annotated[int, typer.Option("--candidates", min=1, help="ANN candidates re-ranked exactly.")] = 300,
