@@ -279,20 +279,27 @@ def test_an_interrupted_save_leaves_a_run_that_continues_exactly(
     shapes, tmp_path, monkeypatch, straight, epoch, when, name
 ):
     """A SIGINT anywhere in an epoch's save: the files left behind resume as if nothing had happened."""
-    real_save = train_module.save_checkpoint
+    real_save, real_copy = train_module.save_checkpoint, train_module._replace_with_copy
     stop_at = name.format(epoch)
 
-    def save_and_stop(net, path, config) -> None:
+    def stopping(real, path, saved_epoch: int, *args) -> None:
         # The real save runs; only the interruption is added, at the chosen moment of the chosen epoch.
-        here = path.name == stop_at and config.provenance["epoch"] == epoch
+        here = path.name == stop_at and saved_epoch == epoch
         if here and when == "before":
             raise KeyboardInterrupt
-        real_save(net, path, config)
+        real(*args)
         if here and when == "after":
             raise KeyboardInterrupt
 
+    def save_and_stop(net, path, config) -> None:
+        stopping(real_save, path, config.provenance["epoch"], net, path, config)
+
+    def copy_and_stop(source, target) -> None:  # last.safetensors is published from the epoch file
+        stopping(real_copy, target, int(source.stem.removeprefix("epoch-")), source, target)
+
     options = TrainOptions(out_dir=tmp_path / "run", **RESUMABLE)
     monkeypatch.setattr(train_module, "save_checkpoint", save_and_stop)
+    monkeypatch.setattr(train_module, "_replace_with_copy", copy_and_stop)
     with pytest.raises(KeyboardInterrupt):
         train(TINY, shapes, options)
     monkeypatch.undo()
@@ -332,6 +339,7 @@ def test_clip_fp16_run_evaluates_on_the_cpu(shapes, tmp_path):
     assert last["clip.visual.proj"].dtype == torch.float16
     assert not torch.equal(first["clip.visual.proj"], last["clip.visual.proj"])
     assert config.provenance["eval"] == summary.epochs[-1].metrics
+    assert summary.checkpoint.read_bytes() == (tmp_path / "run" / "epoch-2.safetensors").read_bytes()
 
 
 class StopInEvaluation(TrainProgress):

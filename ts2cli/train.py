@@ -526,7 +526,7 @@ class Trainer:
         partial = out / f".{STATE_FILE}.partial"
         torch.save(self.state_dict(), partial)
         os.replace(partial, out / STATE_FILE)
-        save_checkpoint(self.net, out / LAST_CHECKPOINT, config)
+        _replace_with_copy(epoch_checkpoint(out, record.epoch), out / LAST_CHECKPOINT)
 
 
 def epoch_checkpoint(out: Path, epoch: int) -> Path:
@@ -692,8 +692,14 @@ def _resume_state(out: Path) -> dict[str, Any]:
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
+    """Atomically make ``target`` hold what ``source`` holds: a hard link where the file system has them (no second
+    copy of the weights on disk; checkpoints are only ever replaced, never written in place), else a copy."""
     partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, partial)
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copyfile(source, partial)
     os.replace(partial, target)
 
 
