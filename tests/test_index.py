@@ -272,5 +272,12 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
     # failures are reported as they happen (stderr) and in the summary; tables are the answer (stdout)
     assert str(broken) in indexed.stderr and str(broken) in indexed.stdout and str(broken) in status.stdout
     assert str(video) in found.stdout
+    # --json: a count, and the failures as `ts2 status --json` lists them (docs/cli.md), also for unchanged ones
+    again = json.loads(
+        subprocess.run([*ts2_index(folder, library, tiny_files), "--json"], capture_output=True, env=environment).stdout
+    )
+    reason = {"path": str(broken), "reason": "not a video file or unsupported format (or the file is damaged)"}
+    assert again["failed"] == 1 and again["failures"] == [reason]
+    assert json.loads(ts2("status", "--json", "--library", str(library)).stdout)["failed"] == [reason]
     missing = ts2("status", "--library", str(tmp_path / "x[/red]"))
     assert missing.returncode == 1 and f"No library at {tmp_path / 'x[/red]'}" in missing.stderr, missing.stderr
