@@ -17,7 +17,7 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 
 from ts2cli.errors import LibraryError
-from ts2cli.indexer import IndexOptions, index_folders
+from ts2cli.indexer import IndexOptions, Progress, index_folders
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.store import Library
 
@@ -84,19 +84,45 @@ def test_stored_features_equal_a_direct_forward_pass(tmp_path, make_video, libra
     np.testing.assert_allclose(stored, direct[0][mask[0]], rtol=2e-3, atol=2e-3)  # stored as fp16
 
 
+class Recorder(Progress):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def stage(self, description: str) -> None:
+        self.events.append(("stage", description))
+
+    def scanned(self, files: int) -> None:
+        self.events.append(("scanned", files))
+
+    def planned(self, total: int) -> None:
+        self.events.append(("planned", total))
+
+    def done(self, path: Path, outcome: str) -> None:
+        self.events.append(("done", outcome))
+
+
 def test_reindex_is_incremental(tmp_path, make_video, library, model):
     folder = tmp_path / "v"
     make_video("v/a.mp4", seconds=1)
     make_video("v/b.mp4", seconds=1, seed=1, vfr=True)
     make_video("v/c.mp4", seconds=1, fps=8)
     make_video("v/d.mp4", seconds=1, fps=6)
-    first = index(library, model, folder)
+    told = Recorder()
+    first = index_folders(library, model, IndexOptions(roots=[folder]), told)
     assert first.indexed == 4
+    # what the bar shows: the text encoder being written (a first index only), files found, then videos done
+    scanning = [("scanned", n) for n in range(5)]
+    assert (
+        told.events
+        == [("stage", "writing the text encoder for ts2 search"), *scanning, ("planned", 4)] + [("done", "indexed")] * 4
+    )
     ids = {p.name: library.get_by_path(str(p.resolve())).id for p in folder.iterdir()}
     features_b = library.frame_features([ids["b.mp4"]])[ids["b.mp4"]]
 
-    second = index(library, model, folder)
+    told = Recorder()
+    second = index_folders(library, model, IndexOptions(roots=[folder]), told)
     assert (second.indexed, second.unchanged, second.moved, second.removed) == (0, 4, 0, 0)
+    assert told.events == [*scanning, ("planned", 0)]
 
     make_video("v/a.mp4", seconds=2, fps=7)  # modified: re-embedded under the same id
     (folder / "c.mp4").unlink()  # deleted

@@ -166,6 +166,7 @@ def index_command(
     )
     on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
     with Library.open(library, write=True, create=True, wait=wait) as lib:
+        # Loaded before the bar starts: a first use downloads the weights, and the download shows its own progress.
         loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
         with IndexProgressBar(console, enabled=not as_json) as bar:
             summary = index_folders(lib, loaded, options, bar)

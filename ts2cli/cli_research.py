@@ -214,7 +214,7 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
         on_interrupt("Interrupted; decoded videos are cached: run the command again to go on.")
 
     data = load()
-    loaded = load_model(model)
+    loaded = load_model(model)  # before the bar: a first use downloads the weights, with a progress of its own
     with ResearchProgress(console, enabled=not as_json) as bar:
         result = evaluate(loaded, data, options, progress=bar)
     if as_json:

@@ -163,6 +163,12 @@ class _Work:
 class Progress:
     """What the indexer reports while it runs; the CLI draws it with rich, tests ignore it."""
 
+    def stage(self, description: str) -> None:
+        """A step of unknown length has begun."""
+
+    def scanned(self, files: int) -> None:
+        """``files`` video files found so far (before ``planned``)."""
+
     def planned(self, total: int) -> None: ...
 
     def done(self, path: Path, outcome: str) -> None: ...
@@ -233,10 +239,13 @@ def index_folders(
     roots = check_roots(options.roots)
     library.check_model(model.identity, rebuild=options.rebuild)
     if not text_encoder.is_current(library):
+        progress.stage("writing the text encoder for ts2 search")
         text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
     summary = IndexSummary()
     library.begin_scan(roots)
-    todo = list(_plan(library, scan_videos(roots, options.exclude, options.include_hidden), options, summary))
+    progress.scanned(0)
+    found = scan_videos(roots, options.exclude, options.include_hidden)
+    todo = list(_plan(library, _counted(found, progress), options, summary))
     library.commit()
     progress.planned(len(todo))
     _embed_all(library, model, todo, options, summary, progress)
@@ -245,6 +254,12 @@ def index_folders(
     library.save_ann()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
+    for count, path in enumerate(files, start=1):
+        progress.scanned(count)
+        yield path
 
 
 def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary) -> Iterator[_Work]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -11,11 +12,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
+from rich.text import Text
 
 from .indexer import Progress as IndexProgress
 
@@ -23,21 +26,42 @@ if TYPE_CHECKING:
     from .train import EpochRecord
 
 
-class LiveBar:
-    """One rich progress bar in ts2's layout: label, bar, done/total, a live figure, elapsed time, ETA. Transient:
-    it leaves the terminal when done (summaries are printed after it)."""
+class _DoneOfTotal(MofNCompleteColumn):
+    """Done of total ("12/30"); nothing for a step of unknown length (rich would show "0/?")."""
 
-    def __init__(self, console: Console, label: str, figure: str, *, enabled: bool = True) -> None:
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")
+
+
+class _TimeLeft(ProgressColumn):
+    """Time left ("ETA 0:01:23") at the average pace so far; nothing for a step of unknown length. Work that
+    finishes a batch at a time makes rich's windowed speed (and its ETA) jump by orders of magnitude."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        if not (task.completed and task.elapsed):
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = (task.total - task.completed) * task.elapsed / task.completed
+        return Text(f"ETA {timedelta(seconds=round(left))}", style="progress.remaining")
+
+
+class LiveBar:
+    """One rich progress bar in ts2's layout: what runs, bar, done/total, a live figure, elapsed time, ETA.
+    Transient: it leaves the terminal when done (summaries are printed after it). Before the work can be counted
+    (writing the text encoder, scanning folders) a ``stage`` shows what is happening, so the command does not
+    look stuck."""
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled
         self._progress = Progress(
-            TextColumn(label),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(figure),
+            _DoneOfTotal(),
+            TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            _TimeLeft(),
             console=console,
             disable=not enabled,
             transient=True,
@@ -45,42 +69,58 @@ class LiveBar:
         self._task: TaskID | None = None
 
     def __enter__(self) -> Self:
-        self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)  # type: ignore[arg-type]
+        if self._progress.live.is_started:
+            self._progress.stop()
+
+    def _start(self) -> None:
+        # The live display starts with its first task, not before: whatever runs earlier inside the ``with``
+        # (a first use downloading the weights) keeps the terminal and shows its own progress.
+        if not self._progress.live.is_started:
+            self._progress.start()
+
+    def stage(self, description: str, info: str = "") -> None:
+        """A step of unknown length has begun (the bar pulses)."""
+        self._new_task(description, None, info)
+
+    def _new_task(self, description: str, total: int | None, info: str = "") -> None:
+        self._start()
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total, info=info)
+
+    def _current(self) -> Task | None:
+        return next((task for task in self._progress.tasks if task.id == self._task), None)
 
 
 class IndexProgressBar(LiveBar, IndexProgress):
-    """Files done of planned, videos per second, ETA; a failed file is printed above the bar as it happens."""
+    """Files found while scanning; then files done of planned, videos per second (the average so far: videos
+    finish a batch at a time), ETA. A failed file is printed above the bar as it happens."""
 
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
-        super().__init__(console, "[bold]indexing", "{task.fields[rate]} videos/s", enabled=enabled)
+    def scanned(self, files: int) -> None:
+        current = self._current()
+        if current is None or current.description != "scanning":
+            self._new_task("scanning", None)
+        self._progress.update(self._task, info=f"{files:,} files")
 
     def planned(self, total: int) -> None:
-        self._task = self._progress.add_task("index", total=total, rate="-")
+        self._new_task("indexing", total, "- videos/s")
 
     def done(self, path: Path, outcome: str) -> None:
-        if self._task is None:
+        task = self._current()
+        if task is None:
             return
-        self._progress.advance(self._task)
-        speed = self._progress.tasks[self._task].speed
-        self._progress.update(self._task, rate=f"{speed:.1f}" if speed else "-")
+        self._progress.advance(task.id)
+        rate = f"{task.completed / task.elapsed:.1f}" if task.elapsed else "-"
+        self._progress.update(task.id, info=f"{rate} videos/s")
         if outcome == "failed" and self.enabled:
             self._progress.console.print(f"[yellow]skipped[/yellow] {escape(str(path))}")
 
 
 class ResearchProgress(LiveBar):
     """Rich progress for both commands: decoding/encoding counts, then training steps with loss and lr."""
-
-    def __init__(self, console: Console, *, enabled: bool = True) -> None:
-        super().__init__(console, "[bold]{task.description}", "{task.fields[info]}", enabled=enabled)
-
-    def _new_task(self, description: str, total: int) -> None:
-        if self._task is not None:
-            self._progress.remove_task(self._task)
-        self._task = self._progress.add_task(description, total=total, info="")
 
     # EvalProgress
     def start(self, description: str, total: int) -> None:
