@@ -101,12 +101,13 @@ class Recorder(Progress):
         self.events.append(("done", outcome))
 
 
-def test_reindex_is_incremental(tmp_path, make_video, library, model):
+def test_reindex_is_incremental(tmp_path, make_video, library):
     folder = tmp_path / "v"
     make_video("v/a.mp4", seconds=1)
     make_video("v/b.mp4", seconds=1, seed=1, vfr=True)
     make_video("v/c.mp4", seconds=1, fps=8)
     make_video("v/d.mp4", seconds=1, fps=6)
+    model = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu"))  # precision undecided
     told = Recorder()
     first = index_folders(library, model, IndexOptions(roots=[folder]), told)
     assert first.indexed == 4

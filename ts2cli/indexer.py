@@ -238,7 +238,7 @@ def index_folders(
     progress = progress or Progress()
     roots = check_roots(options.roots)
     library.check_model(model.identity, rebuild=options.rebuild)
-    if not text_encoder.is_current(library):
+    if text_encoder.writable(model) and not text_encoder.is_current(library):
         progress.stage("writing the text encoder for ts2 search")
         text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
     summary = IndexSummary()

@@ -156,10 +156,16 @@ def exportable(loaded: Any) -> bool:
     return bool(loaded.config.quick_gelu) and text_tower.supports(cfg)
 
 
+def writable(loaded: Any) -> bool:
+    """Whether ``save_text_encoder`` would write ``loaded``'s text tower: one this module reproduces, with its fp32
+    weights (a CPU model already cast to bf16 is not exported)."""
+    return exportable(loaded) and not (loaded.dtype is not None and loaded.device.type == "cpu")
+
+
 def save_text_encoder(library: Library, loaded: Any) -> bool:
     """Write the text tower of ``loaded`` (fp32 weights, before any bf16 cast) for torch-free searches; returns
     whether it was written. Replaces the file atomically, so a search never reads half of it."""
-    if not exportable(loaded) or (loaded.dtype is not None and loaded.device.type == "cpu"):
+    if not writable(loaded):
         return False
     try:
         import onnx
