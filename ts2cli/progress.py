@@ -81,9 +81,9 @@ class LiveBar:
         if not self._progress.live.is_started:
             self._progress.start()
 
-    def stage(self, description: str, info: str = "") -> None:
+    def stage(self, description: str) -> None:
         """A step of unknown length has begun (the bar pulses)."""
-        self._new_task(description, None, info)
+        self._new_task(description, None)
 
     def _new_task(self, description: str, total: int | None, info: str = "") -> None:
         self._start()
