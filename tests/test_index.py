@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny_models import TINY_CLIP, tiny_net
 
-from ts2cli.errors import LibraryError
+from ts2cli.errors import LibraryError, Ts2Error
 from ts2cli.indexer import IndexOptions, Progress, index_folders
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.store import Library
@@ -137,6 +137,34 @@ def test_reindex_is_incremental(tmp_path, make_video, library):
     assert np.array_equal(library.frame_features([moved.id])[moved.id], features_b)
     assert library.get_by_path(str((folder / "c.mp4").resolve())) is None
     assert library.stats().videos_ok == 4
+
+
+def test_running_out_of_memory_names_the_option_and_keeps_what_was_done(tmp_path, make_video, library):
+    for name in ("a", "b", "c"):
+        make_video(f"v/{name}.mp4", seconds=1, seed=ord(name))
+    model = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", precision="float32"))
+    forwards = []
+
+    def second_batch_runs_out(module, inputs) -> None:
+        # The only thing not real here: the allocator's answer, which a test cannot safely provoke for real.
+        forwards.append(1)
+        if len(forwards) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    model.net.clip.visual.conv1.register_forward_pre_hook(second_batch_runs_out)
+    with pytest.raises(Ts2Error, match=r"^Out of memory embedding a batch of 1 video on cpu: .*--batch-size"):
+        index(library, model, tmp_path / "v", batch_size=1, model_workers=1)
+    assert library.stats().videos_ok == 1  # the batch before is kept; the next run goes on from there
+
+
+def test_out_of_memory_is_recognised_from_torch_and_other_errors_pass():
+    from ts2cli.model import out_of_memory_says
+
+    refused = pytest.raises(Ts2Error, match=r"^Out of memory allocating 10 TB: ask for less\.$")
+    with refused, out_of_memory_says("allocating 10 TB", "ask for less"):
+        torch.empty(10**13, dtype=torch.uint8)  # the CPU allocator refuses: a plain RuntimeError
+    with pytest.raises(RuntimeError, match="shape"), out_of_memory_says("reshaping", "ask for less"):
+        torch.zeros(3).view(2, 2)
 
 
 def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, model):

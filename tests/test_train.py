@@ -315,6 +315,25 @@ def test_an_interrupted_save_leaves_a_run_that_continues_exactly(
     assert_same_weights(finished, straight)
 
 
+def test_running_out_of_memory_names_the_option(shapes, tmp_path):
+    def out_of_memory(module, inputs) -> None:
+        # Only the allocator's answer is made up: a test cannot safely run a real device out of memory.
+        if isinstance(module, torch.nn.Conv2d):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    options = TrainOptions(out_dir=tmp_path / "run", epochs=1, batch_size=4, micro_batch=2)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(
+            Ts2Error, match=r"^Out of memory training on 4 videos, 2 at a time, on cpu: .*--micro-batch"
+        ):
+            train(TINY, shapes, options)
+        with pytest.raises(Ts2Error, match=r"^Out of memory encoding a batch of 3 videos on cpu: .*--batch-size"):
+            evaluate(load_model(TINY), shapes, EvalOptions(batch_size=3))
+    finally:
+        hook.remove()
+
+
 def test_same_seed_gives_identical_checkpoints(shapes, tmp_path):
     """From CLIP weights the new parts are initialised at random: the seed must decide how."""
     weights = tmp_path / "tiny.pt"

@@ -33,7 +33,7 @@ from .datasets import MSRVTT_DATA_JSON, MSRVTT_TEST_CSV, MSRVTT_TRAIN_CSV, MSRVT
 from .decode import decode_ahead, sample_frames
 from .errors import Ts2Error, one_line
 from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
-from .model import LoadedModel, TS2Net
+from .model import LoadedModel, TS2Net, out_of_memory_says
 from .model.config import Compat
 from .official_sampling import sample_official
 from .store import MODEL_SOURCE_KEY
@@ -297,7 +297,11 @@ def _encode_batch(
     cache: FeatureCache | None,
     progress: EvalProgress,
 ) -> None:
-    features, mask = loaded.encode_pixels(*loaded.video_batch([frames for _, frames in batch]))
+    with out_of_memory_says(
+        f"encoding a batch of {len(batch)} videos on {loaded.device.type}",
+        "run again with a smaller batch (ts2 eval: --batch-size; ts2 train: --micro-batch)",
+    ):
+        features, mask = loaded.encode_pixels(*loaded.video_batch([frames for _, frames in batch]))
     for (index, _), video_features, video_mask in zip(batch, features, mask, strict=True):
         result.frames[index], result.mask[index] = video_features, video_mask
         if cache is not None:

@@ -31,7 +31,7 @@ import torch
 from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
-from .model import LoadedModel
+from .model import LoadedModel, out_of_memory_says
 from .scan import check_roots, fingerprint, scan_videos
 from .search import global_vector
 from .store import Library
@@ -353,7 +353,7 @@ def _embed_all(
                     runner.submit(batch)
                     batch = []
                 for done in runner.finished():
-                    since_commit += _store_batch(library, done, summary, progress)
+                    since_commit += _store_batch(library, done, summary, progress, model.device)
                 if since_commit >= options.commit_every:
                     _timed_commit(library, stats)
                     since_commit = 0
@@ -364,7 +364,7 @@ def _embed_all(
             if batch:
                 runner.submit(batch)
             for done in runner.finished(wait_all=True):
-                _store_batch(library, done, summary, progress)
+                _store_batch(library, done, summary, progress, model.device)
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
         stats.dtype = str(model.dtype or torch.float32).removeprefix("torch.")
@@ -414,7 +414,8 @@ class _ModelRunner:
         if not model.precision_known:
             # Settled once, on the first batch, before several workers could race to do it.
             began = time.perf_counter()
-            model.choose_precision(*model.video_batch(videos))
+            with _out_of_memory_says(model.device, len(batch)):
+                model.choose_precision(*model.video_batch(videos))
             self.stats.infer_seconds += time.perf_counter() - began
         self.running.append(_Running(batch, self.pool.submit(_infer, model, videos)))
         self.stats.batches += 1
@@ -434,10 +435,13 @@ def _infer(model: LoadedModel, videos: list[np.ndarray]) -> _Embedded:
     return _Embedded(features, valid, time.perf_counter() - began)
 
 
-def _store_batch(library: Library, done: _Running, summary: IndexSummary, progress: Progress) -> int:
+def _store_batch(
+    library: Library, done: _Running, summary: IndexSummary, progress: Progress, device: torch.device
+) -> int:
     """Write a finished batch's features; a model error propagates from here and stops the run."""
     stats = summary.pipeline
-    embedded = done.future.result()
+    with _out_of_memory_says(device, len(done.batch)):
+        embedded = done.future.result()
     began = time.perf_counter()
     stats.infer_seconds += embedded.seconds
     stats.frames += int(embedded.valid.sum())
@@ -459,6 +463,13 @@ def _store_batch(library: Library, done: _Running, summary: IndexSummary, progre
         progress.done(work.path, "indexed")
     stats.store_seconds += time.perf_counter() - began
     return len(done.batch)
+
+
+def _out_of_memory_says(device: torch.device, videos: int) -> contextlib.AbstractContextManager[None]:
+    return out_of_memory_says(
+        f"embedding a batch of {videos} video{'s' if videos != 1 else ''} on {device.type}",
+        "run again with a smaller --batch-size (the videos indexed so far are kept)",
+    )
 
 
 def _timed_commit(library: Library, stats: PipelineStats) -> None:

@@ -52,7 +52,7 @@ from .evaluate import (
     head_scores,
 )
 from .metrics import TieMode
-from .model import LoadedModel, ModelOptions, load_model, save_checkpoint, symmetric_infonce
+from .model import LoadedModel, ModelOptions, load_model, out_of_memory_says, save_checkpoint, symmetric_infonce
 from .model.preprocess import tokenize
 from .store import MODEL_SOURCE_KEY
 
@@ -505,7 +505,11 @@ class Trainer:
                 batch.append((self.data.captions[caption], outcome))
             if position % options.batch_size == 0:
                 if batch:
-                    loss, lr = self.train_step([c for c, _ in batch], [f for _, f in batch])
+                    with out_of_memory_says(
+                        f"training on {len(batch)} videos, {options.micro_batch} at a time, on {self.device.type}",
+                        "run again with a smaller --micro-batch (with --resume after a saved epoch)",
+                    ):
+                        loss, lr = self.train_step([c for c, _ in batch], [f for _, f in batch])
                     losses.append(loss)
                     progress.step_done(loss, lr)
                 batch = []

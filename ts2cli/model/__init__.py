@@ -11,7 +11,7 @@
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import COMPAT_MODES, Compat, TS2Config
-from .loading import LoadedModel, ModelOptions, load_model, resolve_device
+from .loading import LoadedModel, ModelOptions, load_model, out_of_memory_says, resolve_device
 from .similarity import frame_weighted_similarity, symmetric_infonce
 from .ts2net import TS2Net
 
@@ -24,6 +24,7 @@ __all__ = [
     "TS2Net",
     "frame_weighted_similarity",
     "load_model",
+    "out_of_memory_says",
     "read_checkpoint",
     "resolve_device",
     "save_checkpoint",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -27,6 +29,21 @@ from .config import Compat, TS2Config
 from .precision import cpu_has_native_bf16, cpu_reduced_net
 from .preprocess import PixelNorm, frames_to_tensor, pad_frames, tokenize
 from .ts2net import TS2Net
+
+
+@contextmanager
+def out_of_memory_says(what: str, remedy: str) -> Iterator[None]:
+    """Running out of memory in the block (``what`` ran: "embedding a batch of 32 videos on cuda") becomes a
+    one-line error that says ``remedy`` ("run again with a smaller --batch-size") instead of a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        raise Ts2Error(f"Out of memory {what}: {remedy}.") from error
+    except RuntimeError as error:
+        if "can't allocate memory" not in str(error):  # torch's CPU allocator says so in a plain RuntimeError
+            raise
+        raise Ts2Error(f"Out of memory {what}: {remedy}.") from error
+
 
 InferencePrecision = Literal["auto", "float32"]
 INFERENCE_PRECISIONS: tuple[InferencePrecision, ...] = get_args(InferencePrecision)
