@@ -149,7 +149,7 @@ def test_running_out_of_memory_names_the_option_and_keeps_what_was_done(tmp_path
         # The only thing not real here: the allocator's answer, which a test cannot safely provoke for real.
         forwards.append(1)
         if len(forwards) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     model.net.clip.visual.conv1.register_forward_pre_hook(second_batch_runs_out)
     with pytest.raises(Ts2Error, match=r"^Out of memory embedding a batch of 1 video on cpu: .*--batch-size"):

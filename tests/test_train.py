@@ -319,7 +319,7 @@ def test_running_out_of_memory_names_the_option(shapes, tmp_path):
     def out_of_memory(module, inputs) -> None:
         # Only the allocator's answer is made up: a test cannot safely run a real device out of memory.
         if isinstance(module, torch.nn.Conv2d):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     options = TrainOptions(out_dir=tmp_path / "run", epochs=1, batch_size=4, micro_batch=2)
     hook = torch.nn.modules.module.register_module_forward_pre_hook(out_of_memory)

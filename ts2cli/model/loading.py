@@ -37,7 +37,7 @@ def out_of_memory_says(what: str, remedy: str) -> Iterator[None]:
     one-line error that says ``remedy`` ("run again with a smaller --batch-size") instead of a traceback."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError) as error:
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:  # alias torch.OutOfMemoryError in torch >= 2.5
         raise Ts2Error(f"Out of memory {what}: {remedy}.") from error
     except RuntimeError as error:
         if "can't allocate memory" not in str(error):  # torch's CPU allocator says so in a plain RuntimeError
