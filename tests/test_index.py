@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,8 @@ def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_video
     )
     report = json.loads(status.stdout)
     assert report["videos"] == 24 and report["model"]["mode"] == "zero-shot" and report["bytes"] > 0
+    assert report["duration"] == pytest.approx(24 * 6.0, abs=24 * 0.5)  # 24 videos of 6 s
+    assert abs(datetime.fromisoformat(report["last_indexed"]).timestamp() - time.time()) < 600
 
 
 def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files):

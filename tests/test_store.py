@@ -309,6 +309,8 @@ def test_failures(libdir: Path, rng: np.random.Generator) -> None:
         assert lib.frame_features([failed_id, was_ok, good_id]).keys() == {good_id}
         stats = lib.stats()
         assert (stats.videos_ok, stats.videos_failed) == (1, 2)
+        assert stats.video_seconds == 2.0  # the ok video's length; failures have none
+        assert stats.last_indexed is not None and abs(stats.last_indexed - time.time()) < 600
         assert stats.failures == [("/v/broken later.mp4", "bad"), ("/v/never.mp4", "moov atom not found")]
         assert _all_ann_ids(lib) == {good_id}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.markup import escape
@@ -61,7 +62,21 @@ def status_json(stats: Any) -> dict[str, Any]:
         "failed": [{"path": path, "reason": reason} for path, reason in stats.failures],
         "bytes": stats.bytes_on_disk,
         "schema_version": stats.schema_version,
+        "duration": round(stats.video_seconds, 1),
+        "last_indexed": _iso_utc(stats.last_indexed),
     }
+
+
+def _total_length(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _iso_utc(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def _model_note(model: dict[str, Any]) -> str:
@@ -77,9 +92,13 @@ def status_table(status: dict[str, Any]) -> Table:
     model = status["model"] or {}
     table.add_row("library", escape(status["library"]))
     table.add_row("model", escape(_model_line(model)) if model else "-")
-    table.add_row("videos", str(status["videos"]))
+    length = f" ({_total_length(status['duration'])} of video)" if status["videos"] else ""
+    table.add_row("videos", f"{status['videos']:,}{length}")
     table.add_row("failed", str(len(status["failed"])))
     table.add_row("size", _bytes(status["bytes"]))
+    if status["last_indexed"]:
+        local = datetime.fromisoformat(status["last_indexed"]).astimezone()
+        table.add_row("last indexed", local.strftime("%Y-%m-%d %H:%M"))
     for failure in status["failed"][:20]:
         table.add_row("", _failure_line(failure["path"], failure["reason"]))
     if len(status["failed"]) > 20:

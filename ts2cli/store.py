@@ -95,6 +95,10 @@ class LibraryStats:
     dim: int | None
     schema_version: int
     generation: int
+    video_seconds: float = 0.0
+    """Total length of the indexed (``ok``) videos."""
+    last_indexed: float | None = None
+    """When a video row was last written (seconds since the epoch); None for an empty library."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -891,6 +895,9 @@ class Library:
     def stats(self) -> LibraryStats:
         with self._read_snapshot():
             counts = dict(self._conn.execute("SELECT status, COUNT(*) FROM videos GROUP BY status").fetchall())
+            video_seconds, last_indexed = self._conn.execute(
+                "SELECT coalesce(sum(CASE WHEN status = 'ok' THEN duration END), 0), max(indexed_at) FROM videos"
+            ).fetchone()
             failures = self._conn.execute(
                 "SELECT path, coalesce(error, '') FROM videos WHERE status = 'failed' ORDER BY path"
             ).fetchall()
@@ -908,6 +915,8 @@ class Library:
             dim=dim,
             schema_version=version,
             generation=generation,
+            video_seconds=float(video_seconds),
+            last_indexed=last_indexed,
         )
 
 
