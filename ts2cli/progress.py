@@ -99,10 +99,12 @@ class IndexProgressBar(LiveBar, IndexProgress):
     """Files found while scanning; then files done of planned, videos per second (the average so far: videos
     finish a batch at a time), ETA. A failed file is printed above the bar as it happens."""
 
+    _scanning: TaskID | None = None
+
     def scanned(self, files: int) -> None:
-        current = self._current()
-        if current is None or current.description != "scanning":
+        if self._task is None or self._task != self._scanning:
             self._new_task("scanning", None)
+            self._scanning = self._task
         self._progress.update(self._task, info=f"{files:,} files")
 
     def planned(self, total: int) -> None:
