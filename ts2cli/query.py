@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import MODEL_SOURCE_KEY, Library, VideoRow, same_model
+from .store import MODEL_SOURCE_KEY, Library, VideoRow, model_summary, same_model
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions
@@ -46,7 +46,7 @@ def load_library_model(
     model = load_model(options, text_only=text_only)
     if not same_model(model.identity, stored):
         raise LibraryError(
-            f"The library at {library.directory} was built with another model ({describe(stored)}); "
+            f"The library at {library.directory} was built with another model, {model_summary(stored)}; "
             "search it with that model, or re-index with `ts2 index --rebuild`."
         )
     if text_only:
@@ -56,12 +56,6 @@ def load_library_model(
             text_encoder.save_text_encoder(library, model)  # the next text search can then answer without torch
         model.reduce_text_precision()
     return model
-
-
-def describe(identity: dict[str, Any]) -> str:
-    weights = identity.get("checkpoint") or identity.get("clip_weights")
-    mode, frames, compat = identity.get("mode"), identity.get("frames"), identity.get("compat")
-    return f"{identity.get('backbone')} {weights}, {mode}, {frames} frames, compat {compat}"
 
 
 def search_model_options(

@@ -352,8 +352,8 @@ class Library:
             return
         if not rebuild:
             raise LibraryError(
-                f"The library at {self.directory} was built with model {_describe_model(stored)}, not "
-                f"{_describe_model(config)}; run `ts2 index --rebuild` to re-index everything with the new "
+                f"The library at {self.directory} was built with model {model_summary(stored)}, not "
+                f"{model_summary(config)}; run `ts2 index --rebuild` to re-index everything with the new "
                 "model, or use another --library."
             )
         self.clear(config)
@@ -1039,7 +1039,8 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return _comparable(a) == _comparable(b)
 
 
-def _describe_model(config: dict[str, Any]) -> str:
+def model_summary(config: dict[str, Any]) -> str:
+    """A model record in a few words, for messages about which model a library holds."""
     if "backbone" in config:
         weights = config.get("checkpoint") or config.get("clip_weights")
         mode, frames, compat = config.get("mode"), config.get("frames"), config.get("compat")
