@@ -422,5 +422,5 @@ def evaluate(
         cache={"hits": videos.cached, "decoded": videos.decoded, "failed": len(videos.failed)},
         model=loaded.identity,
         seconds=time.perf_counter() - started,
-        dtype=str(loaded.dtype or torch.float32).removeprefix("torch.") if videos.decoded else None,
+        dtype=loaded.dtype_name if videos.decoded else None,
     )

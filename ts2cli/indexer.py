@@ -367,7 +367,7 @@ def _embed_all(
                 _store_batch(library, done, summary, progress, model.device)
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
-        stats.dtype = str(model.dtype or torch.float32).removeprefix("torch.")
+        stats.dtype = model.dtype_name
         stats.wall_seconds = time.perf_counter() - started
         stats.cpu_seconds = time.process_time() - cpu_started
 

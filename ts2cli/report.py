@@ -23,12 +23,8 @@ def describe_model(loaded: Any) -> dict[str, Any]:
     identity = dict(loaded.identity)
     note = _model_note(identity)
     # --precision auto on a CPU: bf16 only where the first video batch shows it accurate and faster
-    dtype = _dtype_name(loaded.dtype) if loaded.precision_known else None
+    dtype = loaded.dtype_name if loaded.precision_known else None
     return {**identity, "note": note, "device": str(loaded.device), "precision": loaded.precision, "dtype": dtype}
-
-
-def _dtype_name(dtype: Any) -> str:
-    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def model_table(report: dict[str, Any]) -> Table:

@@ -16,9 +16,9 @@
   epoch checkpoint continues exactly as if it had not stopped.
 
 Each epoch writes ``epoch-N.safetensors``, then ``last.state.pt`` (optimiser, schedule, scaler, history) for
-``--resume``, then ``last.safetensors`` (a copy of the newest epoch for ``--checkpoint``). The state file is the
-commit point: ``--resume`` takes the weights of the epoch it records, so an interruption anywhere in between
-leaves a consistent pair behind.
+``--resume``, then ``last.safetensors`` (the newest epoch's file, hard-linked or copied, for ``--checkpoint``).
+The state file is the commit point: ``--resume`` takes the weights of the epoch it records, so an interruption
+anywhere in between leaves a consistent pair behind.
 """
 
 from __future__ import annotations

@@ -144,6 +144,11 @@ class LoadedModel:
         """Token positions a text is cut or padded to."""
         return self.config.words
 
+    @property
+    def dtype_name(self) -> str:
+        """What the model computes in, as the ``--json`` documents say it: float32, bfloat16 or float16."""
+        return str(self.dtype or torch.float32).removeprefix("torch.")
+
     def _autocast(self) -> torch.autocast:
         enabled = self.dtype is not None and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=enabled)
