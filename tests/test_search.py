@@ -14,7 +14,7 @@ from tiny_models import TINY_CLIP, tiny_net
 from ts2cli.errors import LibraryError, Ts2Error
 from ts2cli.indexer import IndexOptions, index_folders
 from ts2cli.model import ModelOptions, load_model
-from ts2cli.query import load_library_model, text_query, video_query
+from ts2cli.query import embed_example, like_query, load_library_model, text_query
 from ts2cli.search import SearchOptions, global_vector, matching_moment, rank, score_videos, widen_float16
 from ts2cli.store import Library
 
@@ -131,19 +131,22 @@ def test_query_by_example_video(built, tmp_path):
     example = root / "videos" / "work" / "clip 7.mp4"
     with Library.open(root / "lib") as lib:
         text_model = load_library_model(lib, None, device="cpu")
-        vector, own_id = video_query(lib, None, example)
+        vector, own_id, identity = like_query(lib, example, None, device="cpu")
+        assert identity == lib.model_config()
         hits = rank(lib, vector, SearchOptions(limit=5), exclude=own_id)
         assert own_id is not None and own_id not in [h.video_id for h in hits] and len(hits) == 5
         # a copy that is not indexed is embedded on the fly and finds the original first
         outside = tmp_path / "outside.mp4"
         write_video(outside, seconds=3, fps=8, width=64, height=48, texture=True, seed=7)
+        loaded_vector, none_id, _ = like_query(lib, outside, None, device="cpu")
+        assert none_id is None
         full_model = load_library_model(lib, None, device="cpu", text_only=False)
         full_model.precision_known = True  # fp32, as the library was built
-        vector, none_id = video_query(lib, full_model, outside)
-        assert none_id is None
+        vector = embed_example(full_model, outside)
         # sampled and embedded as the indexer did: the original's stored vector, up to its float16 storage
         original = lib.get_by_path(str(example.resolve()))
         np.testing.assert_allclose(vector, global_vector(lib.frame_features([original.id])[original.id]), atol=1e-4)
+        assert float(np.dot(loaded_vector, vector)) > 0.999  # like_query's own model may have chosen bf16
         # the tiny random model scores every video within 1e-4 of the others: near the top is all it can show
         assert original.id in [h.video_id for h in rank(lib, vector, SearchOptions(limit=3))]
     assert text_model.net.clip.visual is None

@@ -270,7 +270,7 @@ def search_command(
 
 
 def _query_vector(lib, query, like, chosen, device):
-    from .query import example_video, indexed_row, load_library_model, text_query, video_query
+    from .query import like_query, load_library_model, text_query
     from .text_encoder import load_text_encoder
 
     if query is not None:
@@ -280,14 +280,8 @@ def _query_vector(lib, query, like, chosen, device):
         model = encoder or load_library_model(lib, chosen, device=device, text_only=True)
         vector, notes = text_query(model, query)
         return query, vector, None, notes, model.identity
-    example = example_video(like)
-    indexed = indexed_row(lib, example) is not None
-    if indexed and chosen is None:  # its stored features are the query: no model to load
-        vector, exclude = video_query(lib, None, example)
-        return f"like:{example.resolve()}", vector, exclude, [], lib.model_config() or {}
-    loaded = load_library_model(lib, chosen, device=device, text_only=indexed)
-    vector, exclude = video_query(lib, None if indexed else loaded, example)
-    return f"like:{example.resolve()}", vector, exclude, [], loaded.identity
+    vector, exclude, identity = like_query(lib, like, chosen, device=device)
+    return f"like:{Path(like).expanduser().resolve()}", vector, exclude, [], identity
 
 
 app.add_typer(eval_app, name="eval")

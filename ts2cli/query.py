@@ -102,29 +102,39 @@ def text_query(model: TextModel, text: str) -> tuple[np.ndarray, list[str]]:
     return vectors[0], notes
 
 
-def video_query(library: Library, model_for_video: LoadedModel | None, path: Path) -> tuple[np.ndarray, int | None]:
-    """Query vector for an example video: its stored features when indexed, else decoded and embedded now.
-    Returns the library id of the video too, so it can be left out of its own results."""
+def like_query(
+    library: Library, path: Path, options: ModelOptions | None, *, device: str = "auto"
+) -> tuple[np.ndarray, int | None, dict[str, Any]]:
+    """Query vector for an example video, the library id to leave out of its own results (None when the video is
+    not indexed), and the identity of the model behind the vector.
+
+    An indexed video's stored features are the query, and no model is loaded unless ``options`` names one (which
+    must then be the library's model); any other video is decoded and embedded now."""
     from .search import global_vector
 
     path = example_video(path)
     row = indexed_row(library, path)
-    if row is not None:
-        frames = library.frame_features([row.id]).get(row.id)
-        if frames is not None:
-            return global_vector(frames), row.id
-    if model_for_video is None:
-        raise Ts2Error("A model is needed to embed this video.")
+    frames = library.frame_features([row.id]).get(row.id) if row is not None else None
+    if frames is not None:
+        if options is None:
+            return global_vector(frames), row.id, library.model_config() or {}
+        loaded = load_library_model(library, options, device=device, text_only=True)
+        return global_vector(frames), row.id, loaded.identity
+    loaded = load_library_model(library, options, device=device, text_only=False)
+    return embed_example(loaded, path), None, loaded.identity
+
+
+def embed_example(model: LoadedModel, path: Path) -> np.ndarray:
+    """The global vector of a video that is not in the library, sampled exactly as the indexer samples, so that
+    an indexed copy of the same file has the same features."""
     # torch and PyAV only now: an indexed example needs neither
     from .decode import sample_frames
     from .indexer import KEYFRAME_SNAP
+    from .search import global_vector
 
-    # sampled exactly as the indexer samples, so an indexed copy of this file has the same features
-    sampled = sample_frames(
-        path, model_for_video.config.frames, model_for_video.image_size, keyframe_snap=KEYFRAME_SNAP
-    )
-    features, mask = model_for_video.encode_videos([sampled.frames])
-    return global_vector(features[0][mask[0]]), None
+    sampled = sample_frames(path, model.config.frames, model.image_size, keyframe_snap=KEYFRAME_SNAP)
+    features, mask = model.encode_videos([sampled.frames])
+    return global_vector(features[0][mask[0]])
 
 
 def example_video(path: Path) -> Path:
