@@ -24,6 +24,9 @@ def test_usage_errors_are_plain_lines():
         (("index", "--batch-size", "many", "videos"), "Invalid value for '--batch-size'"),
         (("search", "cat", "--top", "3"), "No such option: --top"),
         (("eval", "msrvtt", "--frames", "0"), "Invalid value for '--frames'"),
+        (("model", "--compat", "paper"), "'paper' is not one of 'fixed', 'official'"),
+        (("train", "captions", "--head", "mean"), "'mean' is not one of 'ts2', 'meanpool'"),
+        (("eval", "msrvtt", "--ties", "loose"), "'loose' is not one of 'strict', 'official'"),
     ):
         result = run_ts2(*args)
         assert result.returncode == 2, result.stderr
@@ -32,6 +35,26 @@ def test_usage_errors_are_plain_lines():
         assert not set("╭│╰") & set(result.stderr), result.stderr  # no box drawn around the message
     usage = run_ts2("index", "--help").stdout.splitlines()[0]
     assert "index [OPTIONS]" in usage and "FOLDERS" in usage  # typer 0.29 writes {FOLDERS}..., click FOLDERS...
+
+
+def test_command_line_choices_are_the_librarys():
+    from typing import get_args
+
+    from ts2cli import cli_options
+    from ts2cli.evaluate import HEADS
+    from ts2cli.metrics import TieMode
+    from ts2cli.model import COMPAT_MODES
+    from ts2cli.model.loading import INFERENCE_PRECISIONS
+    from ts2cli.train import PRECISIONS
+
+    for choice, library in (
+        (cli_options.CompatChoice, COMPAT_MODES),
+        (cli_options.InferencePrecisionChoice, INFERENCE_PRECISIONS),
+        (cli_options.TrainPrecisionChoice, PRECISIONS),
+        (cli_options.HeadChoice, HEADS),
+        (cli_options.TiesChoice, get_args(TieMode)),
+    ):
+        assert set(get_args(choice)) == set(library)
 
 
 def test_model_report_says_zero_shot(tmp_path):

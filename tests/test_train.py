@@ -235,10 +235,26 @@ def test_cli_train_then_eval(shapes, tmp_path):
     model = ["--model", str(config), "--pretrained", "none", "--device", "cpu", "--frames", "4", "--json"]
     runner = CliRunner()
     run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--eval-csv", str(csv)]
-    trained = runner.invoke(app, ["train", "captions", "--csv", str(csv), *run, *model])
+    trained = runner.invoke(app, ["train", "captions", "--csv", str(csv), *run, *model, "--compat", "official"])
     assert trained.exit_code == 0, trained.output
     summary = json.loads(trained.stdout)
     assert summary["last_epoch"] == 1 and summary["epochs"][0]["metrics"]["t2v"]["R@1"] >= 0
+
+    # fine-tuning a checkpoint further keeps its compat mode and frame count unless told otherwise
+    again = [
+        "--out",
+        str(tmp_path / "again"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--checkpoint",
+        summary["checkpoint"],
+    ]
+    tuned = runner.invoke(app, ["train", "captions", "--csv", str(csv), *again, *model[:6], "--json"])
+    assert tuned.exit_code == 0, tuned.output
+    tuned_config, _ = read_checkpoint(json.loads(tuned.stdout)["checkpoint"])
+    assert (tuned_config.compat, tuned_config.frames) == ("official", 4)
 
     scored = runner.invoke(
         app, ["eval", "captions", "--csv", str(csv), "--checkpoint", summary["checkpoint"], "--no-cache", *model]

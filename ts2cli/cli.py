@@ -53,13 +53,8 @@ LibraryDir = Annotated[
 def model_options(
     model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str | None, precision: str = "auto"
 ):
-    from .model import COMPAT_MODES, ModelOptions
-    from .model.loading import INFERENCE_PRECISIONS
+    from .model import ModelOptions
 
-    if compat is not None and compat not in COMPAT_MODES:
-        raise Ts2Error(f"Unknown --compat '{compat}'; use fixed or official.")
-    if precision not in INFERENCE_PRECISIONS:
-        raise Ts2Error(f"Unknown --precision '{precision}'; use auto or float32.")
     backbone_cfg = None
     if model.endswith(".json"):
         from .model.backbone import read_model_config

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+# The choices, spelled out again so that the command line does not import torch (ts2cli.model does);
+# tests/test_cli_model.py checks that they equal the library's own lists.
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+CompatChoice = Literal["fixed", "official"]
+InferencePrecisionChoice = Literal["auto", "float32"]
+TrainPrecisionChoice = Literal["auto", "fp32", "fp16", "bf16"]
+TiesChoice = Literal["strict", "official"]
+HeadChoice = Literal["ts2", "meanpool"]
 
 ModelName = Annotated[
     str,
@@ -23,9 +32,9 @@ Checkpoint = Annotated[
     Path | None,
     typer.Option("--checkpoint", help="TS2-Net weights (ts2's own or official).", rich_help_panel="Model"),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
+Device = Annotated[DeviceChoice, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
 Compat = Annotated[
-    str | None,
+    CompatChoice | None,
     typer.Option(
         "--compat",
         help="fixed (corrected) or official (reproduces the paper's code). Default: a checkpoint's own, else fixed.",
@@ -33,7 +42,7 @@ Compat = Annotated[
     ),
 ]
 InferencePrecision = Annotated[
-    str,
+    InferencePrecisionChoice,
     typer.Option(
         "--precision",
         help="auto (fp16 on CUDA; bf16 on CPUs where it is accurate and faster) or float32 (reproducible).",

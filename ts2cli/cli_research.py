@@ -13,8 +13,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
-from .errors import Ts2Error
+from .cli_options import (
+    Checkpoint,
+    Compat,
+    Device,
+    HeadChoice,
+    InferencePrecision,
+    JsonFlag,
+    ModelName,
+    Pretrained,
+    TiesChoice,
+    TrainPrecisionChoice,
+)
 
 if TYPE_CHECKING:
     from .datasets import CaptionSet
@@ -36,13 +46,6 @@ DIRECTIONS = {
 }
 
 # --- options ----------------------------------------------------------------------------------------------------
-TrainFrames = Annotated[int, typer.Option("--frames", min=1, help="Frames per video (T).", rich_help_panel="Model")]
-TrainCompat = Annotated[
-    str,
-    typer.Option(
-        "--compat", help="fixed (corrected) or official (reproduces the paper's code).", rich_help_panel="Model"
-    ),
-]
 Frames = Annotated[
     int | None,
     typer.Option(
@@ -54,7 +57,7 @@ AllowMissing = Annotated[
     bool, typer.Option("--allow-missing", help="Use the videos that exist when some listed ones are missing.")
 ]
 Ties = Annotated[
-    str, typer.Option("--ties", help="strict (one rank per query) or official (the reference's tie counting).")
+    TiesChoice, typer.Option("--ties", help="strict (one rank per query) or official (the reference's tie counting).")
 ]
 Dsl = Annotated[
     bool, typer.Option("--dsl", help="Also report metrics after the inverted softmax (transductive: uses all queries).")
@@ -77,7 +80,7 @@ WeightDecay = Annotated[float, typer.Option("--weight-decay", rich_help_panel="R
 Warmup = Annotated[float, typer.Option("--warmup", help="Warm-up share of all steps.", rich_help_panel="Recipe")]
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Recipe")]
 Precision = Annotated[
-    str,
+    TrainPrecisionChoice,
     typer.Option(
         "--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.", rich_help_panel="Recipe"
     ),
@@ -98,7 +101,8 @@ SimulateRanks = Annotated[
     ),
 ]
 HeadOption = Annotated[
-    str, typer.Option("--head", help="ts2, or meanpool (baseline: mean of CLIP frames).", rich_help_panel="Recipe")
+    HeadChoice,
+    typer.Option("--head", help="ts2, or meanpool (baseline: mean of CLIP frames).", rich_help_panel="Recipe"),
 ]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")]
 EvalCsv = Annotated[
@@ -182,8 +186,6 @@ def eval_captions(
 def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, cache_dir: Path | None, no_cache: bool):
     from .evaluate import EvalOptions, default_cache_dir
 
-    if ties not in ("strict", "official"):
-        raise Ts2Error(f"Unknown --ties '{ties}'; use strict or official.")
     cache = None if no_cache else (cache_dir or default_cache_dir())
     return EvalOptions(batch_size=batch_size, workers=workers, ties=ties, dsl=dsl, cache_dir=cache)  # type: ignore[arg-type]
 
@@ -277,12 +279,12 @@ def train_msrvtt(
     head: HeadOption = "ts2",
     resume: Resume = False,
     workers: Workers = None,
-    frames: TrainFrames = 12,
+    frames: Frames = None,
     model: ModelName = "ViT-B-32",
     pretrained: TrainPretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: TrainCompat = "fixed",
+    compat: Compat = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune on MSR-VTT 9k (180k caption-video pairs per epoch), CLIP4Clip's folder layout."""
@@ -321,12 +323,12 @@ def train_captions(
     head: HeadOption = "ts2",
     resume: Resume = False,
     workers: Workers = None,
-    frames: TrainFrames = 12,
+    frames: Frames = None,
     model: ModelName = "ViT-B-32",
     pretrained: TrainPretrained = "openai",
     checkpoint: Checkpoint = None,
     device: Device = "auto",
-    compat: TrainCompat = "fixed",
+    compat: Compat = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune on your own captioned videos (one item per caption and epoch)."""
@@ -340,11 +342,8 @@ def train_captions(
 
 def _train_options(args: dict[str, Any]):
     """TrainOptions from a command's arguments (``locals()``): its parameter names are TrainOptions' fields."""
-    from .evaluate import HEADS
     from .train import TrainOptions
 
-    if args["head"] not in HEADS:
-        raise Ts2Error(f"Unknown --head '{args['head']}'; use {' or '.join(HEADS)}.")
     names = [f.name for f in dataclasses.fields(TrainOptions) if f.name in args]
     return TrainOptions(**{"out_dir": args["out"], **{name: args[name] for name in names}})
 
