@@ -253,6 +253,20 @@ def write_broken_files(directory: Path) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The user cache folder (weights digests, eval features) of every test and the ts2 processes they start: a
+    fresh one, never the user's."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture
 def make_video(tmp_path: Path) -> Callable[..., WrittenVideo]:
     """``make_video(name, **write_video_options)`` writes ``tmp_path / name`` and returns a WrittenVideo."""

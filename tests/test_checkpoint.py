@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import TINY_CLIP, random_video, tiny_net
 
-from ts2cli.errors import CheckpointError, WeightsNotFoundError
+from ts2cli.errors import CheckpointError, LibraryError, WeightsNotFoundError
 from ts2cli.model import ModelOptions, load_model, save_checkpoint
 from ts2cli.model.checkpoint import read_checkpoint
 
@@ -182,3 +182,34 @@ def test_a_checkpoint_without_ts2net_parts_is_described_as_fine_tuned_clip(tmp_p
     assert report["mode"] == "zero-shot" and report["note"].startswith("fine-tuned CLIP without TS2-Net parts")
     clip_only = describe_model(load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu")))
     assert clip_only["note"].startswith("zero-shot: CLIP frame features")
+
+
+def test_a_weights_file_is_the_same_model_by_its_whole_content(tmp_path):
+    from safetensors.torch import save_file
+
+    from ts2cli.scan import fingerprint
+    from ts2cli.store import Library
+
+    state = {k.removeprefix("clip."): v.contiguous() for k, v in tiny_net(zero_shot=True).state_dict().items()}
+    weights = tmp_path / "clip.safetensors"
+    save_file(state, str(weights))
+    options = ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=str(weights), device="cpu")
+    identity = load_model(options, text_only=True).identity
+    # a fine-tuned copy of the same size whose change falls outside the chunks a sampled fingerprint reads
+    content = bytearray(weights.read_bytes())
+    assert len(content) > 3 * 64 * 1024
+    content[len(content) // 4] ^= 1
+    tuned = tmp_path / "tuned.safetensors"
+    tuned.write_bytes(bytes(content))
+    assert fingerprint(tuned) == fingerprint(weights)
+    tuned_identity = load_model(dataclasses.replace(options, pretrained=str(tuned)), text_only=True).identity
+
+    # a library written before whole-file digests records the sampled fingerprint: it goes on working, and from
+    # then on records the digest, against which the tuned copy is another model
+    recorded = {**identity, "clip_weights": f"clip.safetensors#{fingerprint(weights)[:16]}"}
+    with Library.open(tmp_path / "library", write=True, create=True) as library:
+        library.check_model(recorded)
+        library.check_model(identity)
+        assert library.model_config() == identity
+        with pytest.raises(LibraryError, match="built with model"):
+            library.check_model(tuned_identity)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ts2cli.errors import Ts2Error
-from ts2cli.scan import VIDEO_EXTENSIONS, check_roots, fingerprint, is_video_file, scan_videos
+from ts2cli.scan import VIDEO_EXTENSIONS, check_roots, file_digest, fingerprint, is_video_file, scan_videos
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -134,6 +135,26 @@ def test_fingerprint_follows_content_not_name(tmp_path: Path) -> None:
     assert fingerprint(changed_end) != fingerprint(a)
     assert fingerprint(touch(tmp_path / "e.mp4", bytes(changed_middle))) != fingerprint(a)
     assert fingerprint(longer) != fingerprint(a)
+
+
+def test_file_digest_sees_every_byte_and_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import time
+
+    content = bytearray(np.random.default_rng(0).integers(0, 256, 1_000_000, dtype=np.uint8).tobytes())
+    weights = touch(tmp_path / "weights.bin", bytes(content))
+    assert file_digest(weights) == hashlib.sha256(content).hexdigest()
+    assert file_digest(weights) == hashlib.sha256(content).hexdigest()  # the remembered one
+    # a byte outside the three chunks that fingerprint() samples: same size, same fingerprint, another digest
+    content[300_000] ^= 1
+    before = weights.stat()
+    sampled = fingerprint(weights)
+    time.sleep(0.05)  # past the file system clock's tick (a few ms), so that the write moves the change time
+    weights.write_bytes(bytes(content))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old modification time
+    assert fingerprint(weights) == sampled
+    assert file_digest(weights) == hashlib.sha256(content).hexdigest()
 
 
 def test_fingerprint_small_and_empty_files(tmp_path: Path) -> None:

@@ -1022,6 +1022,8 @@ MODEL_SOURCE_KEY = "source"
 
 
 WEIGHT_KEYS = ("clip_weights", "checkpoint")
+WEIGHTS_DIGEST = "sha256:"
+"""How a weights file's fingerprint in a model record starts when it is a digest of the whole file."""
 """Identity fields naming weights: a local file is ``name#content-fingerprint``, a tag is the tag."""
 
 
@@ -1036,7 +1038,31 @@ def _comparable(config: dict[str, Any]) -> str:
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two model configs describe the same model, wherever its weights were loaded from."""
-    return _comparable(a) == _comparable(b)
+    return (
+        _comparable(a) == _comparable(b) or _same_by_sampled_fingerprints(a, b) or _same_by_sampled_fingerprints(b, a)
+    )
+
+
+def _same_by_sampled_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``old``, a record written before weights files were digested whole (they were named by
+    ``scan.fingerprint``, three sampled chunks), names the model ``new`` was loaded from: the files in ``new``'s source have the sampled fingerprints
+    that ``old`` records. Such a library keeps working, and ``check_model`` then records the whole-file digests."""
+    from .scan import fingerprint
+
+    files = new.get(MODEL_SOURCE_KEY) or {}
+    relabelled, sampled = dict(new), False
+    for key, file_key in zip(WEIGHT_KEYS, ("weights_file", "checkpoint"), strict=True):
+        recorded = old.get(key)
+        if not (isinstance(recorded, str) and "#" in recorded) or recorded.rpartition("#")[2].startswith(
+            WEIGHTS_DIGEST
+        ):
+            continue
+        try:
+            relabelled[key] = "#" + fingerprint(files[file_key])[:16]
+        except (KeyError, TypeError, OSError):
+            return False
+        sampled = True
+    return sampled and _comparable(old) == _comparable(relabelled)
 
 
 def model_summary(config: dict[str, Any]) -> str:

@@ -304,9 +304,12 @@ def _assemble(config: TS2Config, state: dict[str, torch.Tensor], *, source: str,
 
 
 def _file_id(path: Path) -> str:
-    from ..scan import fingerprint
+    """``NAME#sha256:DIGEST``: the file's name for people, the digest of its whole content to compare models by
+    (a moved or renamed weights file is the same model; a fine-tuned copy of the same size is not)."""
+    from ..scan import file_digest
+    from ..store import WEIGHTS_DIGEST
 
-    return f"{Path(path).name}#{fingerprint(Path(path))[:16]}"
+    return f"{Path(path).name}#{WEIGHTS_DIGEST}{file_digest(path)[:16]}"
 
 
 def _identity(config: TS2Config, net: TS2Net) -> dict[str, Any]:
