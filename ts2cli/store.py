@@ -1045,8 +1045,9 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _same_by_sampled_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether ``old``, a record written before weights files were digested whole (they were named by
-    ``scan.fingerprint``, three sampled chunks), names the model ``new`` was loaded from: the files in ``new``'s source have the sampled fingerprints
-    that ``old`` records. Such a library keeps working, and ``check_model`` then records the whole-file digests."""
+    ``scan.fingerprint``, three sampled chunks), names the model ``new`` was loaded from: the files in ``new``'s
+    source have the sampled fingerprints that ``old`` records. Such a library keeps working, and ``check_model``
+    then records the whole-file digests."""
     from .scan import fingerprint
 
     files = new.get(MODEL_SOURCE_KEY) or {}
