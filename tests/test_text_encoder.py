@@ -219,3 +219,30 @@ def test_text_search_runs_without_torch_and_ranks_as_the_torch_path(indexed):
     assert [r["path"] for r in fast["results"]] == [r["path"] for r in slow["results"]]
     assert fast["model"] == slow["model"]
     np.testing.assert_allclose([r["score"] for r in fast["results"]], [r["score"] for r in slow["results"]], atol=2e-3)
+
+
+def test_a_copy_damaged_in_place_is_replaced_through_torch(indexed):
+    import onnx
+
+    from ts2cli.query import text_query_vector
+
+    root, _ = indexed
+    copy = root / "lib" / text_encoder.FILE_NAME
+    with Library.open(root / "lib") as lib:
+        expected, _, _ = text_query_vector(lib, "a red square", None, device="cpu")
+        # the bytes of its weights overwritten (0xffff is a float16 NaN), its structure and metadata intact
+        graph = onnx.load(str(copy))
+        for weight in graph.graph.initializer:
+            if weight.data_type == onnx.TensorProto.FLOAT16:
+                weight.raw_data = b"\xff" * len(weight.raw_data)
+        onnx.save_model(graph, str(copy))
+        damaged = copy.read_bytes()
+        encoder = text_encoder.load_text_encoder(lib)
+        assert encoder is not None and not np.isfinite(encoder.encode_texts(["a red square"])[0]).all()
+        vector, _, identity = text_query_vector(lib, "a red square", None, device="cpu")
+        assert identity == lib.model_config()
+        # the torch text tower (bf16 weights on CPUs with native bf16) against the float16 copy
+        assert float(vector @ expected) / float(np.linalg.norm(vector) * np.linalg.norm(expected)) > 0.999
+        assert copy.read_bytes() != damaged and text_encoder.is_current(lib)  # written again
+        repaired = text_encoder.load_text_encoder(lib)
+        assert repaired is not None and np.isfinite(repaired.encode_texts(["a red square"])[0]).all()

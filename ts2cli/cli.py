@@ -265,16 +265,11 @@ def search_command(
 
 
 def _query_vector(lib, query, like, chosen, device):
-    from .query import like_query, load_library_model, text_query
-    from .text_encoder import load_text_encoder
+    from .query import like_query, text_query_vector
 
     if query is not None:
-        # The library's ONNX copy of its text tower answers without importing torch; a model given on the
-        # command line (or a library without the copy) goes through torch.
-        encoder = load_text_encoder(lib) if chosen is None and device in ("auto", "cpu") else None
-        model = encoder or load_library_model(lib, chosen, device=device, text_only=True)
-        vector, notes = text_query(model, query)
-        return query, vector, None, notes, model.identity
+        vector, notes, identity = text_query_vector(lib, query, chosen, device=device)
+        return query, vector, None, notes, identity
     vector, exclude, identity = like_query(lib, like, chosen, device=device)
     return f"like:{Path(like).expanduser().resolve()}", vector, exclude, [], identity
 

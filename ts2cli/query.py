@@ -92,6 +92,28 @@ def search_model_options(
     return replace(base, **changes)
 
 
+def text_query_vector(
+    library: Library, text: str, options: ModelOptions | None, *, device: str = "auto"
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Query vector for a description, notes for the user, and the identity of the model behind the vector.
+
+    The library's ONNX copy of its text tower answers without importing torch; a model given on the command line
+    (or a library without a usable copy) goes through torch, which writes the copy for the next search."""
+    from . import text_encoder
+
+    encoder = text_encoder.load_text_encoder(library) if options is None and device in ("auto", "cpu") else None
+    if encoder is not None:
+        vector, notes = text_query(encoder, text)
+        if np.isfinite(vector).all():
+            return vector, notes, encoder.identity
+        text_encoder.discard(library)  # damaged in place (its metadata intact): the torch model replaces it
+    model = load_library_model(library, options, device=device, text_only=True)
+    vector, notes = text_query(model, text)
+    if not np.isfinite(vector).all():
+        raise Ts2Error(f"The model gave no usable vector for this query (not finite): {model_summary(model.identity)}.")
+    return vector, notes, model.identity
+
+
 def text_query(model: TextModel, text: str) -> tuple[np.ndarray, list[str]]:
     """Query vector for a description, and notes for the user (e.g. truncation)."""
     if not any(character.isprintable() and not character.isspace() for character in text):

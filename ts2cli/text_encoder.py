@@ -98,6 +98,12 @@ def load_text_encoder(library: Library, threads: int | None = None) -> TextEncod
     return TextEncoder(session, int(meta["words"]), json.loads(meta["identity"]))
 
 
+def discard(library: Library) -> None:
+    """Remove the library's copy (one that gives unusable vectors); the next torch search writes a new one."""
+    with contextlib.suppress(OSError):  # a read-only library: searches then go through torch
+        path_for(library).unlink()
+
+
 def is_current(library: Library) -> bool:
     """Whether the library holds an exported text encoder for its current model."""
     return _current_session(library, threads=1, optimize=False) is not None
