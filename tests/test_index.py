@@ -329,6 +329,10 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     # failures are reported as they happen (stderr) and in the summary; tables are the answer (stdout)
     assert str(broken) in indexed.stderr and str(broken) in indexed.stdout and str(broken) in status.stdout
+    assert indexed.stdout.splitlines()[0].split() == ["library", str(library)]  # not folded at a title's width
+    status_lines = [line.strip() for line in status.stdout.splitlines()]
+    failed_at = next(i for i, line in enumerate(status_lines) if line.startswith("failed"))
+    assert status_lines[failed_at + 1].startswith(str(broken))  # each failure under the count it belongs to
     assert str(video) in found.stdout
     # --json: a count, and the failures as `ts2 status --json` lists them (docs/cli.md), also for unchanged ones
     again = json.loads(

@@ -308,3 +308,19 @@ def test_results_that_are_gone_are_pointed_out_and_not_opened(own_library):
     assert "2 of these videos are no longer there" in found.stderr
     opened = run_ts2("search", "--like", str(videos / "v1.mp4"), "--library", str(library), "--open")
     assert opened.returncode == 1 and "it is no longer there" in opened.stderr, opened.stderr
+
+
+def test_a_narrow_terminal_shows_every_result_whole():
+    from rich.console import Console
+
+    from ts2cli.report import results_table
+    from ts2cli.search import Hit, Moment
+
+    path = "/videos/holidays/2024/a long file name.mp4"
+    hit = Hit(video_id=1, path=path, score=0.291, duration=63.2, moment=Moment(21.0, 31.6, 25.0), frames=[])
+    for width in (30, 50, 100):
+        console = Console(width=width, record=True)
+        console.print(results_table([hit], width))
+        text = console.export_text()
+        assert "0.291" in text and "0:21.0–0:31.6" in text and "1:03.2" in text, text
+        assert path.replace(" ", "") in "".join(text.split()), text  # folded, maybe, but all there

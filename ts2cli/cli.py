@@ -253,7 +253,7 @@ def search_command(
     elif paths:
         sys.stdout.write("".join(f"{hit.path}\n" for hit in hits))
     else:
-        output.print(results_table(hits) if hits else "No matching videos.")
+        output.print(results_table(hits, output.width) if hits else "No matching videos.")
     if open_top and hits:
         from .player import open_at
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
@@ -91,14 +92,14 @@ def status_table(status: dict[str, Any]) -> Table:
     length = f" ({_total_length(status['duration'])} of video)" if status["videos"] else ""
     table.add_row("videos", f"{status['videos']:,}{length}")
     table.add_row("failed", str(len(status["failed"])))
-    table.add_row("size", _bytes(status["bytes"]))
-    if status["last_indexed"]:
-        local = datetime.fromisoformat(status["last_indexed"]).astimezone()
-        table.add_row("last indexed", local.strftime("%Y-%m-%d %H:%M"))
     for failure in status["failed"][:20]:
         table.add_row("", _failure_line(failure["path"], failure["reason"]))
     if len(status["failed"]) > 20:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
+    table.add_row("size", decimal(status["bytes"]))
+    if status["last_indexed"]:
+        local = datetime.fromisoformat(status["last_indexed"]).astimezone()
+        table.add_row("last indexed", local.strftime("%Y-%m-%d %H:%M"))
     return table
 
 
@@ -112,20 +113,11 @@ def _model_line(model: dict[str, Any]) -> str:
     return f"{model.get('backbone')} ({weights}), {model.get('mode')}, compat {model.get('compat')}"
 
 
-def _bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
 def summary_table(summary: Any, library: Any) -> Table:
-    title = f"Library {escape(str(library))}"
-    table = Table(title=title, show_header=False, box=None, pad_edge=False, title_justify="left")
+    table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
+    table.add_row("library", escape(str(library)))
     table.add_row("indexed", str(summary.indexed))
     table.add_row("unchanged", str(summary.unchanged))
     table.add_row("moved or copied", str(summary.moved))
@@ -149,19 +141,33 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
 
 
-def results_table(hits: list[Any]) -> Table:
+NARROW_COLUMNS = 70
+"""Below this terminal width a result's path goes on a line of its own, under its score and moment."""
+
+
+def results_table(hits: list[Any], width: int | None = None) -> Table:
+    """The results as a table of one line per hit, or, on a terminal narrower than ``NARROW_COLUMNS``, two: the
+    score and moment, then the path (folded), so that neither is squeezed out."""
     from pathlib import Path
     from urllib.parse import quote
 
+    narrow = width is not None and width < NARROW_COLUMNS
     table = Table(box=None, pad_edge=False)
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("score", justify="right")
-    table.add_column("moment", no_wrap=True)
-    table.add_column("length", justify="right", no_wrap=True)
-    table.add_column("video", overflow="fold")
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    if narrow:
+        table.add_column("score  moment / video", overflow="fold")
+    else:
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("moment", no_wrap=True)
+        table.add_column("length", justify="right", no_wrap=True)
+        table.add_column("video", overflow="fold")
     for rank, hit in enumerate(hits, start=1):
         link = "file://" + quote(Path(hit.path).as_posix())
         moment = f"{clock(hit.moment.start)}–{clock(hit.moment.end)}"
         length = clock(hit.duration) if hit.duration is not None else "-"
-        table.add_row(str(rank), f"{hit.score:.3f}", moment, length, f"[link={link}]{escape(hit.path)}[/link]")
+        video = f"[link={link}]{escape(hit.path)}[/link]"
+        if narrow:
+            table.add_row(str(rank), f"{hit.score:.3f}  {moment} of {length}\n{video}")
+        else:
+            table.add_row(str(rank), f"{hit.score:.3f}", moment, length, video)
     return table

@@ -1080,6 +1080,8 @@ def _tree_size(directory: Path) -> int:
     total = 0
     for root, _, files in os.walk(directory):
         for name in files:
+            if name.endswith("-shm"):  # SQLite's shared-memory index of its log: made by readers, then removed
+                continue
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
