@@ -213,3 +213,18 @@ def test_a_weights_file_is_the_same_model_by_its_whole_content(tmp_path):
         assert library.model_config() == identity
         with pytest.raises(LibraryError, match="built with model"):
             library.check_model(tuned_identity)
+
+
+def test_an_unknown_model_name_suggests_clip_vits_that_load():
+    from ts2cli.errors import Ts2Error
+    from ts2cli.model.backbone import base_model_config
+
+    for mistyped, suggested in (("vit-b-32", "ViT-B-32"), ("NotAModel", "ViT-B-32")):
+        with pytest.raises(Ts2Error, match="Unknown --model") as raised:
+            base_model_config(mistyped)
+        names = str(raised.value).split("such as ")[1].split(", or")[0].split(", ")
+        assert suggested in names
+        for name in names:
+            base_model_config(name)  # each one is a plain CLIP ViT that TS2-Net accepts
+    with pytest.raises(Ts2Error, match="not a plain CLIP ViT"):
+        base_model_config("ViT-B-16-SigLIP")

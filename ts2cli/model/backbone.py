@@ -6,6 +6,7 @@ TS2-Net uses CLIP's text tower unchanged and its ViT as a token encoder (spec §
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 import socket
@@ -33,13 +34,27 @@ def base_model_config(name: str) -> dict[str, Any]:
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        vits = [m for m in open_clip.list_models() if m.startswith("ViT-")][:8]
-        raise Ts2Error(f"Unknown --model '{name}'; use an open_clip ViT name such as {', '.join(vits)}.")
-    vision = cfg.get("vision_cfg", {})
-    text = cfg.get("text_cfg", {})
-    if "timm_model_name" in vision or "hf_model_name" in text or cfg.get("custom_text"):
+        vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
+        plain = [m for m in vits if _plain_vit(open_clip.get_model_config(m))]
+        examples = difflib.get_close_matches(name, plain, n=3) or [m for m in WELL_KNOWN_VITS if m in plain]
+        raise Ts2Error(
+            f"Unknown --model '{name}'; use an open_clip CLIP ViT name such as {', '.join(examples)}, "
+            "or an open_clip JSON config file."
+        )
+    if not _plain_vit(cfg):
         raise Ts2Error(f"--model '{name}' is not a plain CLIP ViT; TS2-Net needs one (e.g. ViT-B-32, ViT-B-16).")
     return copy.deepcopy(cfg)
+
+
+WELL_KNOWN_VITS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+
+
+def _plain_vit(cfg: dict[str, Any] | None) -> bool:
+    """A CLIP ViT whose towers open_clip builds itself (TS2-Net reaches into its visual transformer's blocks)."""
+    if not cfg:
+        return False
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    return not ("timm_model_name" in vision or "hf_model_name" in text or cfg.get("custom_text"))
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
