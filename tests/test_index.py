@@ -176,6 +176,33 @@ def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, mo
         index(library, other, tmp_path / "v")
     rebuilt = index(library, other, tmp_path / "v", rebuild=True)
     assert rebuilt.indexed == 1 and library.model_config()["frames"] == 8
+    again = index(library, other, tmp_path / "v", rebuild=True)  # the same model: everything embedded again
+    assert (again.indexed, again.unchanged) == (1, 0)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(tmp_path, make_video, library, model):
+    make_video("v/good.mp4", seconds=1)
+    odd = os.fsdecode(os.fsencode(tmp_path / "v") + b"/bad\xffname.mp4")
+    shutil.copyfile(tmp_path / "v" / "good.mp4", odd)
+    summary = index(library, model, tmp_path / "v")
+    assert summary.indexed == 1
+    assert summary.failed == [
+        (f"{tmp_path / 'v'}/bad\ufffdname.mp4", "the file name is not valid UTF-8 (rename it to index it)")
+    ]
+    assert json.dumps(summary.to_json())  # printable as --json
+    assert index(library, model, tmp_path / "v").unchanged == 1  # and again, without a row for it
+
+
+def test_roots_that_cannot_be_indexed_are_refused_up_front(tmp_path):
+    from ts2cli.scan import check_roots
+
+    with pytest.raises(Ts2Error, match="empty name"):
+        check_roots([""])
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(Ts2Error, match="neither a folder nor a file"):
+        check_roots([fifo])
 
 
 def test_a_folder_without_videos_says_so(tmp_path, tiny_files):

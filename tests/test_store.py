@@ -596,3 +596,12 @@ def _assert_consistent(libdir: Path) -> None:
         ids, vectors = lib.global_vectors()
         for i in range(0, len(ids), 5):
             assert lib.knn(vectors[i], 1)[0].tolist() == [ids[i]]
+
+
+def test_a_library_folder_must_be_named_and_be_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(LibraryError, match="empty name"):
+        Library.open("", write=True, create=True)
+    (tmp_path / "file").write_text("x")
+    for create in (False, True):
+        with pytest.raises(LibraryError, match="must be a folder"):
+            Library.open(tmp_path / "file", create=create)

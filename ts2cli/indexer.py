@@ -34,7 +34,7 @@ from .decode import SampledVideo, decode_ahead, sample_frames
 from .model import LoadedModel, out_of_memory_says
 from .scan import check_roots, fingerprint, scan_videos
 from .search import global_vector
-from .store import Library
+from .store import Library, printable_path, storable_path
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,9 @@ def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
 def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary) -> Iterator[_Work]:
     """Decide per file: unchanged (skip), moved or copied (reuse features), or to embed."""
     for path in files:
+        if not storable_path(path):  # reported, not recorded: the library cannot hold its name
+            summary.failed.append((printable_path(path), "the file name is not valid UTF-8 (rename it to index it)"))
+            continue
         try:
             stat = path.stat()
         except OSError as error:

@@ -67,9 +67,13 @@ def check_roots(roots: Sequence[Path | str]) -> list[Path]:
     """Absolute, resolved roots; raises Ts2Error naming the first one that does not exist."""
     checked = []
     for root in roots:
+        if not os.fspath(root):  # Path("") is the current folder: an unset variable in `ts2 index "$DIR"`
+            raise Ts2Error("An empty name was given as a folder to index; name one, e.g. ts2 index ~/Videos.")
         path = Path(root).expanduser()
         if not path.exists():  # also catches a symlink whose target is gone
             raise Ts2Error(f"No such file or folder: {root}")
+        if not (path.is_dir() or path.is_file()):  # reading a FIFO or a device would wait forever
+            raise Ts2Error(f"{root} is neither a folder nor a file.")
         checked.append(path.resolve())
     return checked
 

@@ -181,7 +181,11 @@ class Library:
         ``write`` takes the writer lock, waiting up to ``wait`` seconds for another writer to finish;
         ``create`` makes the directory and database when missing.
         """
+        if directory is not None and not os.fspath(directory):  # Path("") would be the current folder
+            raise LibraryError("An empty name was given as the library folder (--library).")
         directory = Path(directory if directory is not None else default_library_dir()).expanduser().absolute()
+        if directory.exists() and not directory.is_dir():
+            raise LibraryError(f"The library must be a folder; {directory} is a file.")
         db_path = directory / DB_FILE
         if not create and not db_path.is_file():
             raise LibraryError(f"No library at {directory}; run `ts2 index FOLDER` first.")
@@ -332,16 +336,13 @@ class Library:
     def check_model(self, config: dict[str, Any], *, rebuild: bool = False) -> None:
         """Make sure the library's vectors come from ``config``'s model.
 
-        A new library adopts ``config``. A different stored model is an error unless ``rebuild``, which
-        empties the library (in the current transaction) and adopts ``config``.
+        A new library adopts ``config``. A different stored model is an error. ``rebuild`` empties the library (in
+        the current transaction) and adopts ``config``, whichever model it held.
         """
-        try:
-            stored = self.model_config()
-        except LibraryError:
-            if not rebuild:
-                raise
+        if rebuild:
             self.clear(config)
             return
+        stored = self.model_config()
         if stored is not None and same_model(stored, config):
             if self.write and _canonical_json(stored) != _canonical_json(config):
                 self.set_model_config(config)  # same model, loaded from another place: remember the new one
@@ -350,13 +351,11 @@ class Library:
             if self.write:
                 self.set_model_config(config)
             return
-        if not rebuild:
-            raise LibraryError(
-                f"The library at {self.directory} was built with model {model_summary(stored)}, not "
-                f"{model_summary(config)}; run `ts2 index --rebuild` to re-index everything with the new "
-                "model, or use another --library."
-            )
-        self.clear(config)
+        raise LibraryError(
+            f"The library at {self.directory} was built with model {model_summary(stored)}, not "
+            f"{model_summary(config)}; run `ts2 index --rebuild` to re-index everything with the new "
+            "model, or use another --library."
+        )
 
     def clear(self, config: dict[str, Any]) -> None:
         """Forget every video and vector and adopt ``config`` (e.g. ``--rebuild`` with the same model)."""
@@ -968,13 +967,25 @@ def _chunks(ids: list[int]) -> Iterator[list[int]]:
         yield [int(i) for i in ids[start : start + _SQL_CHUNK]]
 
 
+def storable_path(path: str | os.PathLike[str]) -> bool:
+    """Whether the library can hold this path: os.fsdecode() of a file name that is not valid UTF-8 yields lone
+    surrogates, which SQLite TEXT cannot hold."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """The path with each byte that is not UTF-8 shown as U+FFFD, for messages and JSON."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def _norm_path(path: str | os.PathLike[str]) -> str:
     text = os.path.abspath(os.fspath(path))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # os.fsdecode() of a non-UTF-8 file name yields lone surrogates, which SQLite TEXT cannot hold.
-        raise ValueError(f"file name is not valid UTF-8: {text.encode('utf-8', 'replace').decode()}") from None
+    if not storable_path(text):
+        raise LibraryError(f"{printable_path(text)}: the file name is not valid UTF-8, which the library cannot hold.")
     return text
 
 
