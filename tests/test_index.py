@@ -370,3 +370,28 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
     assert json.loads(ts2("status", "--json", "--library", str(library)).stdout)["failed"] == [reason]
     missing = ts2("status", "--library", str(tmp_path / "x[/red]"))
     assert missing.returncode == 1 and f"No library at {tmp_path / 'x[/red]'}" in missing.stderr, missing.stderr
+
+
+def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path, make_video, library, model):
+    for seed, name in enumerate(("root/own.mp4", "elsewhere/e1.mp4", "elsewhere/e2.mp4", "other/o.mp4")):
+        make_video(name, seconds=1, texture=True, seed=seed)  # different content: none is taken for a move
+    link = tmp_path / "root" / "linked"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert index(library, model, tmp_path / "root").indexed == 3
+    (tmp_path / "elsewhere" / "e1.mp4").unlink()
+    assert index(library, model, tmp_path / "root").removed == 1  # a file behind the link
+    link.unlink()
+    assert index(library, model, tmp_path / "root").removed == 1  # the link itself
+    assert names_under(library, tmp_path) == ["own.mp4"]
+
+    # a linked folder that another root covers is that root's business
+    link.symlink_to(tmp_path / "other", target_is_directory=True)
+    assert index(library, model, tmp_path / "other").indexed == 1
+    assert index(library, model, tmp_path / "root").unchanged == 2
+    link.unlink()
+    assert index(library, model, tmp_path / "root").removed == 0
+    assert names_under(library, tmp_path) == ["o.mp4", "own.mp4"]
+
+
+def names_under(library, folder) -> list[str]:
+    return sorted(Path(row.path).name for row in library.videos(library.ids_under(folder)).values())

@@ -242,14 +242,17 @@ def index_folders(
         progress.stage("writing the text encoder for ts2 search")
         text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
     summary = IndexSummary()
-    library.begin_scan(roots)
+    areas = library.scan_areas(roots)
+    library.begin_scan(areas)
     progress.scanned(0)
-    found = scan_videos(roots, options.exclude, options.include_hidden)
+    linked: dict[Path, set[Path]] = {}
+    found = scan_videos(roots, options.exclude, options.include_hidden, linked)
     todo = list(_plan(library, _counted(found, progress), options, summary))
     library.commit()
     progress.planned(len(todo))
     _embed_all(library, model, todo, options, summary, progress)
-    summary.removed = len(library.sweep_unseen(roots))
+    summary.removed = len(library.sweep_unseen(areas))
+    library.remember_links(linked)
     library.commit()
     library.save_ann()
     summary.seconds = time.perf_counter() - started

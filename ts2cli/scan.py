@@ -79,7 +79,10 @@ def check_roots(roots: Sequence[Path | str]) -> list[Path]:
 
 
 def scan_videos(
-    roots: Sequence[Path | str], exclude: Sequence[str] = (), include_hidden: bool = False
+    roots: Sequence[Path | str],
+    exclude: Sequence[str] = (),
+    include_hidden: bool = False,
+    linked: dict[Path, set[Path]] | None = None,
 ) -> Iterator[Path]:
     """Video files under ``roots``, each once, as absolute resolved paths, in sorted order per root.
 
@@ -87,17 +90,21 @@ def scan_videos(
     ``exclude`` holds glob patterns matched against each file or folder name and against its path relative
     to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
     Hidden names (leading '.') are skipped unless ``include_hidden``. Unreadable folders are skipped.
+    ``linked``, when given, receives per (resolved) root the real folders outside it that symlinks led into.
     Missing roots raise Ts2Error at the call, before anything is yielded.
     """
-    return _walk_roots(check_roots(roots), tuple(exclude), include_hidden)
+    return _walk_roots(check_roots(roots), tuple(exclude), include_hidden, linked)
 
 
-def _walk_roots(roots: list[Path], exclude: tuple[str, ...], include_hidden: bool) -> Iterator[Path]:
+def _walk_roots(
+    roots: list[Path], exclude: tuple[str, ...], include_hidden: bool, linked: dict[Path, set[Path]] | None
+) -> Iterator[Path]:
     seen_files: set[Path] = set()
     seen_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of real folders already walked
     for root in roots:
         if root.is_dir():
-            candidates: Iterator[Path] = _walk_dir(root, exclude, include_hidden, seen_dirs)
+            outside = linked.setdefault(root, set()) if linked is not None else None
+            candidates: Iterator[Path] = _walk_dir(root, exclude, include_hidden, seen_dirs, outside)
         elif is_video_file(root) and not _excluded(root.name, root.name, exclude):
             candidates = iter([root])
         else:
@@ -110,7 +117,11 @@ def _walk_roots(roots: list[Path], exclude: tuple[str, ...], include_hidden: boo
 
 
 def _walk_dir(
-    root: Path, exclude: tuple[str, ...], include_hidden: bool, seen_dirs: set[tuple[int, int]]
+    root: Path,
+    exclude: tuple[str, ...],
+    include_hidden: bool,
+    seen_dirs: set[tuple[int, int]],
+    outside: set[Path] | None = None,
 ) -> Iterator[Path]:
     # Explicit stack instead of recursion: deep trees must not hit Python's recursion limit.
     stack: list[tuple[Path, str]] = [(root, "")]
@@ -126,30 +137,34 @@ def _walk_dir(
         seen_dirs.add(key)
         entries = _list_dir(folder)
         subfolders = []
-        for name, is_dir in entries:
+        for name, is_dir, is_link in entries:
             if not include_hidden and name.startswith("."):
                 continue
             rel = f"{rel_folder}{name}"
             if is_dir:
                 if not _excluded(name, rel, exclude, folder=True):
                     subfolders.append((folder / name, rel + "/"))
+                    if is_link and outside is not None:
+                        real = Path(os.path.realpath(folder / name))
+                        if not real.is_relative_to(root):
+                            outside.add(real)
             elif is_video_file(name) and not _excluded(name, rel, exclude):
                 yield folder / name
         # Reversed so the stack pops them in sorted order; files of a folder come before its subfolders.
         stack.extend(reversed(subfolders))
 
 
-def _list_dir(folder: Path) -> list[tuple[str, bool]]:
-    """Sorted (name, is_folder) of regular files and folders, following symlinks; [] if unreadable."""
+def _list_dir(folder: Path) -> list[tuple[str, bool, bool]]:
+    """Sorted (name, is_folder, is_symlink) of regular files and folders, following symlinks; [] if unreadable."""
     entries = []
     try:
         with os.scandir(folder) as iterator:
             for entry in iterator:
                 try:
                     if entry.is_dir():
-                        entries.append((entry.name, True))
+                        entries.append((entry.name, True, entry.is_symlink()))
                     elif entry.is_file():  # skips FIFOs, sockets and broken links, which would hang or fail
-                        entries.append((entry.name, False))
+                        entries.append((entry.name, False, entry.is_symlink()))
                 except OSError:
                     continue
     except OSError:

@@ -368,6 +368,36 @@ class Library:
 
     # ------------------------------------------------------------------ scanning (mark and sweep)
 
+    def scan_areas(self, roots: Sequence[Path]) -> list[Path]:
+        """The folders a scan of ``roots`` answers for: the roots, and the folders outside them that symlinks
+        under them led into last time (``remember_links``), so that a video found through a link that is gone
+        now, or whose file is gone, is removed too. A linked folder that another root, not scanned now, covers
+        (it is inside that root or one of its own linked folders) is left to that root's next scan."""
+        links = self._links()
+        others = [Path(known) for known in links if Path(known) not in roots]
+        others += [Path(folder) for known in others for folder in links.get(str(known), [])]
+        areas = list(roots)
+        for root in roots:
+            for folder in map(Path, links.get(str(root), [])):
+                if not any(folder.is_relative_to(other) for other in others) and folder not in areas:
+                    areas.append(folder)
+        return areas
+
+    def remember_links(self, linked: dict[Path, set[Path]]) -> None:
+        """Record, per scanned root, the folders outside it that its symlinks led into (see ``scan_areas``)."""
+        links = self._links()
+        for root, folders in linked.items():
+            links[str(root)] = sorted(map(str, folders))
+        with self._write_step():
+            self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
+
+    def _links(self) -> dict[str, list[str]]:
+        try:
+            links = json.loads(self._meta("linked_folders") or "{}")
+        except ValueError:
+            return {}  # only an optimisation of sweeping is lost: the next scan of each root records it again
+        return links if isinstance(links, dict) else {}
+
     def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Mark every video under ``roots`` unseen; the scan then marks what it finds (mark_seen/put_*)."""
         with self._write_step():
