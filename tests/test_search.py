@@ -199,20 +199,23 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
     too_high = run_ts2("search", "a cat", "--library", library, "--min-score", "2", "--paths")
     assert too_high.returncode == 0 and too_high.stdout == "" and "No video scored 2 or more" in too_high.stderr
 
+    unquoted = run_ts2("search", "a", "cat", "on", "a", "sofa", "--library", library, "--json", "--limit", "4")
+    assert json.loads(unquoted.stdout) == data  # the words of an unquoted query are one query
+
     empty = run_ts2("search", "", "--library", library)
     missing = run_ts2("search", "x", "--library", str(tmp_path / "none"))
-    both = run_ts2("search", "x", "--like", "a.mp4", "--library", library)
-    two_outputs = run_ts2("search", "x", "--json", "--paths", "--library", library)
-    not_a_number = run_ts2("search", "x", "--min-score", "nan", "--library", library)
-    for failed, words in (
-        (empty, "empty"),
-        (missing, "No library"),
-        (both, "not both"),
-        (two_outputs, "Give --json or --paths, not both"),
-        (not_a_number, "--min-score must be a number"),
-    ):
-        assert failed.returncode != 0 and words in failed.stderr
+    for failed, words in ((empty, "empty"), (missing, "No library")):
+        assert failed.returncode == 1 and words in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+    for args, words in (
+        (("x", "--like", "a.mp4"), "give a query or --like VIDEO, not both"),
+        ((), "give a query or --like VIDEO"),
+        (("x", "--json", "--paths"), "Invalid value for '--paths': give --json or --paths, not both"),
+        (("x", "--min-score", "nan"), "Invalid value for '--min-score': must be a number"),
+    ):
+        misused = run_ts2("search", *args, "--library", library)
+        errors = [line for line in misused.stderr.splitlines() if line.startswith("Error: ")]
+        assert misused.returncode == 2 and len(errors) == 1 and words in errors[0], misused.stderr
 
 
 def test_float16_widening_equals_numpy_cast_for_every_finite_value():

@@ -198,8 +198,9 @@ app.command("info", help="Alias of status.")(status_command)
 
 @app.command("search")
 def search_command(
-    query: Annotated[
-        str | None, typer.Argument(metavar="QUERY", help="What happens in the video you are looking for.")
+    words: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="QUERY", help="What happens in the video you are looking for (quotes optional)."),
     ] = None,
     like: Annotated[Path | None, typer.Option("--like", help="Find videos similar to this video file.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Number of results.")] = 10,
@@ -224,13 +225,14 @@ def search_command(
     from .search import SearchOptions, gone_note, library_eps, rank, require_searchable, why_nothing_matched
     from .store import Library
 
+    query = " ".join(words) if words else None  # `ts2 search dog catching frisbee` needs no quotes
     if (query is None) == (like is None):
         both = ", not both" if query is not None else ""
-        raise Ts2Error(f'Give a query or --like VIDEO{both}, e.g. ts2 search "dog catching a frisbee".')
+        raise typer.BadParameter(f'give a query or --like VIDEO{both}, e.g. ts2 search "dog catching a frisbee"')
     if as_json and paths:
-        raise Ts2Error("Give --json or --paths, not both.")
+        raise typer.BadParameter("give --json or --paths, not both", param_hint="'--paths'")
     if min_score is not None and math.isnan(min_score):
-        raise Ts2Error("--min-score must be a number.")
+        raise typer.BadParameter("must be a number", param_hint="'--min-score'")
     options = SearchOptions(limit=limit, candidates=candidates, within=within, min_score=min_score)
     with Library.open(library) as lib:
         require_searchable(lib)
