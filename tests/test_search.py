@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -263,6 +264,8 @@ def test_moved_weights_and_partial_model_options_find_the_library_model(own_libr
     moved = weights.with_name("renamed.pt")
     weights.rename(moved)
     with Library.open(library) as lib:
+        with pytest.raises(LibraryError, match=rf"loaded from {re.escape(str(weights))}, which is no longer there"):
+            load_library_model(lib, None)
         options = search_model_options(lib, "cpu", pretrained=str(moved))  # nothing but the new place
         assert (options.compat, options.model, options.backbone_cfg) == ("official", "tiny", TINY_CLIP)
         load_library_model(lib, options)  # the same content under another name is the same model

@@ -35,6 +35,7 @@ def load_library_model(
     stored = library.model_config()
     if stored is None:
         raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
+    recorded = options is None
     if options is None:
         if MODEL_SOURCE_KEY not in stored:
             raise LibraryError("The library does not record its model; pass --model/--pretrained/--checkpoint.")
@@ -43,6 +44,8 @@ def load_library_model(
         # One 32-token query is too small to split: on the shared 2-core test machine one thread encoded it in
         # 182 ms (median) against 657 ms with two (benchmarks/search_bench.py).
         torch.set_num_threads(1)
+    if recorded:
+        _check_recorded_files(stored, options)
     model = load_model(options, text_only=text_only)
     if not same_model(model.identity, stored):
         raise LibraryError(
@@ -56,6 +59,22 @@ def load_library_model(
             text_encoder.save_text_encoder(library, model)  # the next text search can then answer without torch
         model.reduce_text_precision()
     return model
+
+
+def _check_recorded_files(stored: dict[str, Any], options: ModelOptions) -> None:
+    """A one-line error naming the option to use when the local file the library's model came from is gone (a
+    weights file named by a tag, e.g. openai, is downloaded again instead)."""
+    if options.checkpoint is not None:
+        path, option = options.checkpoint, "--checkpoint"
+    elif "#" in str(stored.get("clip_weights")) and options.weights_file is not None:
+        path, option = options.weights_file, "--pretrained"
+    else:
+        return
+    if not path.exists():
+        raise LibraryError(
+            f"The library's model was loaded from {path}, which is no longer there; "
+            f"if it moved, pass its new place with {option} NEW/PATH."
+        )
 
 
 def search_model_options(
