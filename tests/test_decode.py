@@ -290,3 +290,24 @@ def test_shared_sample_videos(shared_videos: Path, name: str) -> None:
     for target, got in zip(uniform_targets(seek.duration, 12), seek.times, strict=True):
         assert target - step / 2 <= got <= target + 1e-6  # the frame on screen at the target
     assert seek.frames.std() > 10  # real pictures, not blank frames
+
+
+@pytest.mark.parametrize("method", ["seek", "sequential"])
+def test_a_damaged_middle_still_gives_frames_in_time_order(make_video: MakeVideo, method: str) -> None:
+    video = make_video("damaged.mp4", seconds=6, fps=10, width=160, height=120, texture=True)
+    content = bytearray(video.path.read_bytes())
+    third = len(content) // 3
+    content[third : 2 * third] = np.random.default_rng(3).integers(0, 256, third, dtype=np.uint8).tobytes()
+    video.path.write_bytes(bytes(content))
+    try:
+        sampled = sample_frames(video.path, 12, 32, method=method)
+    except VideoDecodeError:
+        return  # failing cleanly is allowed too
+    assert sampled.times == sorted(set(sampled.times)) and len(sampled.times) == len(sampled.frames)
+    assert all(t == round(t, 6) for t in sampled.times)
+
+
+def test_frames_from_timestamps_that_jump_back_are_put_in_time_order() -> None:
+    picks = [decode._Pick(time, np.full((2, 2, 3), int(time * 10), np.uint8), (2, 2)) for time in (3.1, 0.1, 3.7, 0.1)]
+    ordered = decode.in_time_order(picks)
+    assert [p.time for p in ordered] == [0.1, 3.1, 3.7] and [int(p.pixels[0, 0, 0]) for p in ordered] == [1, 31, 37]

@@ -82,6 +82,12 @@ class _Pick:
     display_size: tuple[int, int]
 
 
+def in_time_order(picks: list[_Pick]) -> list[_Pick]:
+    """The picks by time, one per time: a damaged file's timestamps can jump back, and token shift and the
+    temporal transformer take the frames' order for time's."""
+    return sorted({pick.time: pick for pick in picks}.values(), key=lambda pick: pick.time)
+
+
 def uniform_targets(duration: float, num_frames: int) -> list[float]:
     """Centres of ``num_frames`` equal segments of ``[0, duration]``."""
     if num_frames <= 0:
@@ -203,9 +209,10 @@ def _sample(path: Path, num_frames: int, size: int, method: str, keyframe_snap: 
             picks = _sample_sequentially(decoded, plan.targets, convert)
     if not picks:
         raise VideoDecodeError("no decodable frames")
+    picks = in_time_order(picks)
     return SampledVideo(
         frames=np.stack([p.pixels for p in picks]),
-        times=[max(0.0, p.time - plan.start) for p in picks],
+        times=[round(max(0.0, p.time - plan.start), 6) for p in picks],  # 2.6, not 2.5999999999999996
         duration=plan.duration,
         width=picks[0].display_size[0],
         height=picks[0].display_size[1],
