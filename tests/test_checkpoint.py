@@ -228,3 +228,25 @@ def test_an_unknown_model_name_suggests_clip_vits_that_load():
             base_model_config(name)  # each one is a plain CLIP ViT that TS2-Net accepts
     with pytest.raises(Ts2Error, match="not a plain CLIP ViT"):
         base_model_config("ViT-B-16-SigLIP")
+
+
+def test_more_frames_than_the_temporal_transformer_has_positions_for_is_refused_up_front(tmp_path):
+    from ts2cli.errors import Ts2Error
+
+    too_many = pytest.raises(Ts2Error, match=r"--frames 20 is more than TS2-Net takes.*--frames 19 or less")
+    with too_many:
+        load_model(
+            ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=None, device="cpu", frames=20), trainable=True
+        )
+    path = tmp_path / "trained.safetensors"
+    save_checkpoint(tiny_net(), path, tiny_net().config)
+    with too_many:
+        load_model(ModelOptions(checkpoint=path, device="cpu", frames=20))
+    assert load_model(ModelOptions(checkpoint=path, device="cpu", frames=19)).config.frames == 19
+    # without a temporal transformer (zero-shot), any number of frames is fine
+    assert (
+        load_model(
+            ModelOptions(model="tiny", backbone_cfg=TINY_CLIP, pretrained=None, device="cpu", frames=40)
+        ).config.frames
+        == 40
+    )

@@ -7,6 +7,9 @@ from typing import Any, Literal, get_args
 
 Compat = Literal["official", "fixed"]
 COMPAT_MODES: tuple[Compat, ...] = get_args(Compat)
+TEMPORAL_POSITIONS = 77
+"""Position embeddings of the temporal transformer (CLIP's context length in the reference): frames × tokens per
+frame must fit."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class TS2Config:
     def tokens_per_frame(self) -> int:
         """M = CLS + K selected patches."""
         return 1 + self.top_k
+
+    @property
+    def max_frames(self) -> int:
+        """The most frames the temporal transformer takes: 19 with K = 4 tokens per frame."""
+        return TEMPORAL_POSITIONS // self.tokens_per_frame
 
     @property
     def uses_token_shift(self) -> bool:

@@ -229,6 +229,7 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
         config = dataclasses.replace(
             config, compat=options.compat or config.compat, frames=options.frames or config.frames
         )
+        _check_frames(config)
         net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
         weights, weights_file = {"checkpoint": _file_id(options.checkpoint)}, None
     else:
@@ -250,6 +251,15 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
     )
 
 
+def _check_frames(config: TS2Config) -> None:
+    """Before any work: a frame count the temporal transformer cannot take is the user's to change."""
+    if not config.zero_shot and config.frames > config.max_frames:
+        raise Ts2Error(
+            f"--frames {config.frames} is more than TS2-Net takes: its temporal transformer has positions for "
+            f"{config.max_frames} frames of {config.tokens_per_frame} tokens; use --frames {config.max_frames} or less."
+        )
+
+
 def _from_clip(
     options: ModelOptions, *, text_only: bool, trainable: bool
 ) -> tuple[TS2Config, TS2Net, dict[str, Any], Path | None]:
@@ -268,6 +278,7 @@ def _from_clip(
         zero_shot=not trainable,
         zero_shot_shift=options.zero_shot_shift,
     )
+    _check_frames(config)
     path = None
     if pretrained is None:
         torch.manual_seed(0)

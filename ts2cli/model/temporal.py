@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .config import Compat
+from .config import TEMPORAL_POSITIONS, Compat
 
 MASKED = -1e6
 """Additive attention bias on padded keys, as in the reference."""
@@ -50,7 +50,7 @@ def expand_frame_mask(mask: torch.Tensor, tokens_per_frame: int, compat: Compat)
 class TemporalTransformer(nn.Module):
     """Per-token positions, 4 bidirectional blocks over all frames' tokens, residual, then each frame's CLS slot."""
 
-    def __init__(self, dim: int, layers: int = 4, eps: float = 1e-12, positions: int = 77) -> None:
+    def __init__(self, dim: int, layers: int = 4, eps: float = 1e-12, positions: int = TEMPORAL_POSITIONS) -> None:
         super().__init__()
         self.heads = max(1, dim // 64)
         self.position = nn.Embedding(positions, dim)
