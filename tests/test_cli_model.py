@@ -27,6 +27,8 @@ def test_usage_errors_are_plain_lines():
         (("model", "--compat", "paper"), "'paper' is not one of 'fixed', 'official'"),
         (("train", "captions", "--head", "mean"), "'mean' is not one of 'ts2', 'meanpool'"),
         (("eval", "msrvtt", "--ties", "loose"), "'loose' is not one of 'strict', 'official'"),
+        (("train", "captions", "--lr", "-1"), "Invalid value for '--lr'"),
+        (("train", "captions", "--warmup", "2"), "Invalid value for '--warmup'"),
     ):
         result = run_ts2(*args)
         assert result.returncode == 2, result.stderr

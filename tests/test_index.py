@@ -395,3 +395,18 @@ def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path,
 
 def names_under(library, folder) -> list[str]:
     return sorted(Path(row.path).name for row in library.videos(library.ids_under(folder)).values())
+
+
+def test_a_checkpoint_with_broken_weights_stops_the_run_in_one_line(tmp_path, make_video, library):
+    from ts2cli.model import save_checkpoint
+
+    make_video("v/a.mp4", seconds=1)
+    net = tiny_net()
+    with torch.no_grad():
+        net.temporal.position.weight.fill_(float("nan"))  # what a diverged training run leaves behind
+    path = tmp_path / "diverged.safetensors"
+    save_checkpoint(net, path, net.config)
+    broken = load_model(ModelOptions(checkpoint=path, device="cpu", frames=4, precision="float32"))
+    with pytest.raises(Ts2Error, match=r"features for .*a\.mp4 are not finite numbers: its weights look damaged"):
+        index(library, broken, tmp_path / "v")
+    assert library.stats().videos_ok == 0

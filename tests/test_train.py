@@ -452,3 +452,17 @@ def test_cli_train_reports_missing_videos(shapes, tmp_path):
     assert summary["missing"] == ["ghost.mp4"] and summary["eval_missing"] == []
     config_, _ = read_checkpoint(summary["checkpoint"])
     assert config_.provenance["missing_videos"] == 1
+
+
+def test_a_run_that_diverges_stops_with_the_epochs_before_kept(shapes, tmp_path):
+    options = TrainOptions(out_dir=tmp_path / "run", epochs=2, batch_size=4, micro_batch=4, lr=float("inf"), warmup=0)
+    with pytest.raises(Ts2Error, match=r"Training diverged: the loss is nan at step \d+ \(epoch 1\); lower --lr"):
+        train(TINY, shapes, options)
+    assert not (tmp_path / "run" / "last.safetensors").exists()  # nothing diverged was saved as an epoch
+
+
+def test_json_output_is_strict_when_a_number_is_not_finite(capsys):
+    from ts2cli.cli import print_json
+
+    print_json({"epochs": [{"loss": float("nan"), "lr": float("inf")}], "seconds": 1.5})
+    assert json.loads(capsys.readouterr().out) == {"epochs": [{"loss": None, "lr": None}], "seconds": 1.5}

@@ -74,10 +74,12 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=2, help="Global batc
 MicroBatch = Annotated[
     int, typer.Option("--micro-batch", min=1, help="Videos encoded at once (memory).", rich_help_panel="Recipe")
 ]
-Lr = Annotated[float, typer.Option("--lr", help="lr of the new parts.", rich_help_panel="Recipe")]
-ClipLr = Annotated[float, typer.Option("--clip-lr", help="lr of the CLIP backbone.", rich_help_panel="Recipe")]
-WeightDecay = Annotated[float, typer.Option("--weight-decay", rich_help_panel="Recipe")]
-Warmup = Annotated[float, typer.Option("--warmup", help="Warm-up share of all steps.", rich_help_panel="Recipe")]
+Lr = Annotated[float, typer.Option("--lr", min=0.0, help="lr of the new parts.", rich_help_panel="Recipe")]
+ClipLr = Annotated[float, typer.Option("--clip-lr", min=0.0, help="lr of the CLIP backbone.", rich_help_panel="Recipe")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0, rich_help_panel="Recipe")]
+Warmup = Annotated[
+    float, typer.Option("--warmup", min=0.0, max=1.0, help="Warm-up share of all steps.", rich_help_panel="Recipe")
+]
 Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Recipe")]
 Precision = Annotated[
     TrainPrecisionChoice,

@@ -31,6 +31,7 @@ import torch
 from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
+from .errors import Ts2Error
 from .model import LoadedModel, out_of_memory_says
 from .scan import check_roots, fingerprint, scan_videos
 from .search import global_vector
@@ -453,6 +454,11 @@ def _store_batch(
     stats.frames += int(embedded.valid.sum())
     for (work, video), video_features, video_mask in zip(done.batch, embedded.features, embedded.valid, strict=True):
         frames = video_features[video_mask]
+        if not np.isfinite(frames).all():
+            raise Ts2Error(
+                f"The model's features for {work.path} are not finite numbers: its weights look damaged (a training "
+                "run that diverged?). The videos indexed before are kept."
+            )
         library.put_video(
             str(work.path),
             size=work.size,

@@ -510,6 +510,11 @@ class Trainer:
                         "run again with a smaller --micro-batch (with --resume after a saved epoch)",
                     ):
                         loss, lr = self.train_step([c for c, _ in batch], [f for _, f in batch])
+                    if not math.isfinite(loss):
+                        raise Ts2Error(
+                            f"Training diverged: the loss is {loss} at step {self.step} (epoch {self.epoch + 1}); "
+                            "lower --lr or --clip-lr. The epochs saved before are kept."
+                        )
                     losses.append(loss)
                     progress.step_done(loss, lr)
                 batch = []
