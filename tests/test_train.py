@@ -32,6 +32,7 @@ from ts2cli.train import (
     clip_to_fp16,
     epoch_items,
     freeze_embeddings,
+    interrupted_note,
     param_groups,
     train,
 )
@@ -206,8 +207,10 @@ def test_resume_continues_exactly(shapes, tmp_path):
     straight = train(TINY, shapes, options)
 
     interrupted = dataclasses.replace(options, out_dir=tmp_path / "resumed")
+    assert "start over" in interrupted_note(interrupted.out_dir)  # nothing saved yet
     with pytest.raises(KeyboardInterrupt):
         train(TINY, shapes, interrupted, progress=Recorder(stop_after=1))
+    assert "continue with --resume" in interrupted_note(interrupted.out_dir)
     with pytest.raises(Ts2Error, match="--resume"):
         train(TINY, shapes, interrupted)
     with pytest.raises(Ts2Error, match="lr"):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -322,13 +323,15 @@ def _caused_by_interrupt(error: BaseException) -> bool:
     return False
 
 
-def on_interrupt(message: str) -> None:
-    """What Ctrl-C during the running command leaves behind, in words (default: "Interrupted.")."""
+def on_interrupt(message: str | Callable[[], str]) -> None:
+    """What Ctrl-C during the running command leaves behind, in words (default: "Interrupted."), or a function
+    that says it when it happens."""
     _state["interrupted"] = message
 
 
 def _interrupted() -> NoReturn:
-    console.print(_state["interrupted"])
+    message = _state["interrupted"]
+    console.print(message() if callable(message) else message)
     sys.exit(130)
 
 

@@ -360,9 +360,9 @@ def _run_train(
 ) -> None:
     from .cli import console, on_interrupt, output, print_json
     from .progress import ResearchProgress
-    from .train import train
+    from .train import interrupted_note, train
 
-    on_interrupt(f"Interrupted; saved epochs are kept in {options.out_dir}: continue with --resume.")
+    on_interrupt(lambda: interrupted_note(options.out_dir))
 
     with ResearchProgress(console, enabled=not as_json) as bar:
         summary = train(model, train_set, options, eval_data=eval_set, data_name=name, progress=bar)

@@ -542,6 +542,13 @@ def epoch_checkpoint(out: Path, epoch: int) -> Path:
     return out / f"epoch-{epoch}.safetensors"
 
 
+def interrupted_note(out_dir: Path) -> str:
+    """What an interrupted ``ts2 train`` leaves in ``out_dir``, and how to go on."""
+    if (Path(out_dir) / STATE_FILE).is_file():
+        return f"Interrupted; saved epochs are kept in {out_dir}: continue with --resume."
+    return "Interrupted before the first epoch was saved: run the command again, without --resume, to start over."
+
+
 def train(
     model: ModelOptions,
     data: CaptionSet,
