@@ -250,3 +250,8 @@ def test_more_frames_than_the_temporal_transformer_has_positions_for_is_refused_
         ).config.frames
         == 40
     )
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder; --checkpoint takes a file"):
+        read_checkpoint(tmp_path)

@@ -98,6 +98,9 @@ def test_nothing_found_is_an_error_even_when_missing_is_allowed(real_test_csv: P
 def test_missing_csv(tmp_path: Path):
     with pytest.raises(Ts2Error, match=r"MSRVTT_JSFUSION_test\.csv .* does not exist"):
         load_msrvtt_test(tmp_path)
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").mkdir()
+    with pytest.raises(Ts2Error, match=r"MSRVTT_JSFUSION_test\.csv .* is a folder, not a file"):
+        load_msrvtt_test(tmp_path)
 
 
 @pytest.mark.parametrize(

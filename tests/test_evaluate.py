@@ -197,6 +197,9 @@ def test_missing_msrvtt_files_are_named_in_one_message(tmp_path):
         check_msrvtt_dir(tmp_path, training=True)
     with pytest.raises(Ts2Error, match="does not exist"):
         check_msrvtt_dir(tmp_path / "nowhere")
+    (tmp_path / "captions.csv").write_text("video,caption\n")
+    with pytest.raises(Ts2Error, match="is a file, not a folder"):
+        check_msrvtt_dir(tmp_path / "captions.csv")
 
 
 def test_cli_json_schema(tmp_path, make_video, tiny_checkpoint):

@@ -228,9 +228,8 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
     if result.failed:
         shown = escape("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
         more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
-        console.print(
-            f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] (counted as misses): {shown}{more}"
-        )
+        counted = "counted as misses" if result.ties == "strict" else "their captions left out, as the reference does"
+        console.print(f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] ({counted}): {shown}{more}")
     if result.missing:
         console.print(
             f"[yellow]{len(result.missing)} listed videos are missing[/yellow]: not comparable to full-set numbers."

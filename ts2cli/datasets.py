@@ -232,7 +232,8 @@ def _read_msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise Ts2Error(f"{path} ({what}) does not exist.")
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise Ts2Error(f"{path} ({what}) {problem}.")
     return path
 
 

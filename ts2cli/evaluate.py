@@ -129,7 +129,8 @@ def check_msrvtt_dir(data_dir: Path, *, training: bool = False) -> None:
     """One message naming every missing piece of the CLIP4Clip MSR-VTT layout, and where it was looked for."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise Ts2Error(f"MSR-VTT data folder {data_dir} does not exist (give it with --data).")
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise Ts2Error(f"MSR-VTT data folder {data_dir} {what} (give the folder with --data).")
     needed = [MSRVTT_TRAIN_CSV, MSRVTT_DATA_JSON] if training else [MSRVTT_TEST_CSV]
     missing = [name for name in needed if not (data_dir / name).is_file()]
     folders = [data_dir / d for d in MSRVTT_VIDEO_DIRS]

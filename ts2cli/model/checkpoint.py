@@ -68,6 +68,8 @@ def _own_metadata(path: Path) -> dict[str, str] | None:
 def read_checkpoint(path: Path, *, text_only: bool = False) -> tuple[TS2Config, dict[str, torch.Tensor]]:
     """Config and state dict (our key names) of a TS2-Net checkpoint in either format."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; --checkpoint takes a file (e.g. last.safetensors in it).")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path} (check the --checkpoint path).")
     keep = _text_keys if text_only else None
