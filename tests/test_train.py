@@ -446,13 +446,19 @@ def test_cli_train_reports_missing_videos(shapes, tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_CLIP))
     model = ["--model", str(config), "--pretrained", "none", "--device", "cpu", "--frames", "4", "--json"]
+    # an evaluation list with a video that cannot be decoded
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    held_out = tmp_path / "held-out.csv"
+    held_out.write_text(listed.read_text() + f"{tmp_path / 'broken.mp4'},a broken clip\n")
     run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--allow-missing"]
+    run += ["--eval-csv", str(held_out), "--eval-videos", str(listed.parent)]
     trained = CliRunner().invoke(
         app, ["train", "captions", "--csv", str(csv), "--videos", str(listed.parent), *run, *model]
     )
     assert trained.exit_code == 0, trained.output
     summary = json.loads(trained.stdout)
     assert summary["missing"] == ["ghost.mp4"] and summary["eval_missing"] == []
+    assert [failure["video"] for failure in summary["eval_failed"]] == [str(tmp_path / "broken.mp4")]
     config_, _ = read_checkpoint(summary["checkpoint"])
     assert config_.provenance["missing_videos"] == 1
 

@@ -44,6 +44,7 @@ from .errors import CheckpointError, Ts2Error, VideoDecodeError, one_line
 from .evaluate import (
     EvalOptions,
     EvalProgress,
+    EvalResult,
     FrameSampler,
     Head,
     default_workers,
@@ -137,6 +138,8 @@ class TrainSummary:
     """Training videos left out because their files were absent (``--allow-missing``)."""
     eval_missing: list[str] = dataclasses.field(default_factory=list)
     """The same for the evaluation list: its metrics are then not comparable with full-set numbers."""
+    eval_failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Evaluation videos that could not be decoded (scored as ``ts2 eval`` scores them), with the reason."""
 
     @property
     def best_epoch(self) -> EpochRecord | None:
@@ -156,6 +159,7 @@ class TrainSummary:
             "failed": [{"video": v, "reason": r} for v, r in self.failed.items()],
             "missing": self.missing,
             "eval_missing": self.eval_missing,
+            "eval_failed": [{"video": v, "reason": r} for v, r in self.eval_failed.items()],
             "seconds": round(self.seconds, 3),
         }
 
@@ -593,6 +597,7 @@ def train(
     frames = frames or FrameMemory(sampler, options.frame_memory_mb * 1024 * 1024)
     started_from = config.provenance.get("started_from") if state else None
     started_from = started_from or {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
+    eval_failed: dict[str, str] = {}
 
     while trainer.epoch < options.epochs:
         epoch_started = time.perf_counter()
@@ -624,7 +629,9 @@ def train(
         # Committed before the evaluation, so that a failed or interrupted evaluation loses no training.
         trainer.save(record, provenance)
         if eval_data is not None:
-            record.metrics = _evaluate(trainer, eval_data, frames, progress)
+            evaluated = _evaluate(trainer, eval_data, frames, progress)
+            record.metrics = evaluated.metrics
+            eval_failed.update(evaluated.failed)
             record.seconds = round(time.perf_counter() - epoch_started, 3)
             trainer.save(record, {**provenance, "eval": record.metrics})
         progress.epoch_done(record)
@@ -638,12 +645,11 @@ def train(
         seconds=time.perf_counter() - started,
         missing=list(data.missing),
         eval_missing=list(eval_data.missing) if eval_data is not None else [],
+        eval_failed=eval_failed,
     )
 
 
-def _evaluate(
-    trainer: Trainer, data: CaptionSet, frames: FrameMemory, progress: TrainProgress
-) -> dict[str, dict[str, float]]:
+def _evaluate(trainer: Trainer, data: CaptionSet, frames: FrameMemory, progress: TrainProgress) -> EvalResult:
     net = trainer.net.eval()
     # Without CUDA's autocast the fp16 CLIP weights would meet fp32 activations: evaluate them in fp32 (the same
     # values, exactly), then store them back in fp16 for the next epoch.
@@ -659,7 +665,7 @@ def _evaluate(
         if upcast:
             clip_to_fp16(net.clip)
         net.train()
-    return result.metrics
+    return result
 
 
 def _check(options: TrainOptions, data: CaptionSet) -> None:
