@@ -166,6 +166,28 @@ def test_msrvtt_eval_and_feature_cache(msrvtt_dir, tiny_checkpoint, tmp_path):
     assert evaluate(loaded, data, options).cache == {"hits": MSRVTT_ROWS - 1, "decoded": 1, "failed": 0}
 
 
+def test_a_run_from_the_cache_gives_the_numbers_of_the_run_that_filled_it(tmp_path, make_video, monkeypatch):
+    from ts2cli.model import precision
+
+    if not precision.cpu_has_native_bf16():
+        pytest.skip("bf16 is never chosen on a CPU without native bf16")
+    monkeypatch.setattr(precision, "BF16_MAX_TIME_RATIO", float("inf"))  # accurate enough is enough: no timing
+    rows = ["video,caption"]
+    for i in range(8):
+        make_video(f"clips/{i}.mp4", seconds=1.5, fps=6, texture=True, seed=i)
+        rows += [f"{i}.mp4,{word} number {i} and {j}" for j, word in enumerate(("clip", "shot", "scene", "take") * 6)]
+    (tmp_path / "clips" / "captions.csv").write_text("\n".join(rows) + "\n")
+    data = load_caption_csv(tmp_path / "clips" / "captions.csv")
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_net(), checkpoint, tiny_config())
+    options = EvalOptions(batch_size=4, cache_dir=tmp_path / "cache", dsl=True)  # DSL sees every score's value
+
+    first = evaluate(load_model(ModelOptions(checkpoint=checkpoint, device="cpu")), data, options)
+    again = evaluate(load_model(ModelOptions(checkpoint=checkpoint, device="cpu")), data, options)
+    assert (first.dtype, again.dtype, again.cache["decoded"]) == ("bfloat16", None, 0)
+    assert first.metrics == again.metrics
+
+
 def retrieval_report_equal(a: dict[str, float], b: dict[str, float]) -> bool:
     return a.keys() == b.keys() and all(a[k] == pytest.approx(b[k]) for k in a)
 

@@ -347,14 +347,25 @@ def mean_pooled_similarity(
     return F.normalize(text.float(), dim=-1, eps=eps) @ F.normalize(pooled, dim=-1, eps=eps).t()
 
 
+def logit_scale(loaded: LoadedModel) -> float:
+    """exp(logit_scale), the factor of the reference's test matrix."""
+    return float(loaded.net.clip.logit_scale.detach().float().exp())
+
+
 @torch.inference_mode()
 def similarity_matrix(
-    loaded: LoadedModel, text: np.ndarray, videos: VideoFeatures, head: Head | None = None
+    loaded: LoadedModel,
+    text: np.ndarray,
+    videos: VideoFeatures,
+    head: Head | None = None,
+    *,
+    scale: float | None = None,
 ) -> np.ndarray:
-    """(captions × videos) scores times exp(logit_scale), as the reference's test matrix; NaN for failed videos."""
+    """(captions × videos) scores times exp(logit_scale) (``scale``, else the model's now), as the reference's test
+    matrix; NaN for failed videos."""
     net, head = loaded.net, head or head_of(loaded)
     frames, mask = torch.from_numpy(videos.frames), torch.from_numpy(videos.mask)
-    scale = float(net.clip.logit_scale.detach().float().exp())
+    scale = logit_scale(loaded) if scale is None else scale
     sim = np.empty((len(text), len(frames)), dtype=np.float32)
     for start in range(0, len(text), SCORE_BLOCK):
         block = torch.from_numpy(text[start : start + SCORE_BLOCK])
@@ -400,6 +411,11 @@ def evaluate(
         cache = FeatureCache(options.cache_dir, loaded, sampling)
     if loaded.net.selector is not None:
         loaded.net.selector.reseed(config.seed)  # the official mode's stochastic top-k repeats run to run
+    # The captions and the logit scale before any video: on a CPU, --precision auto settles on bf16 or fp32 with the
+    # first video batch, and a run whose videos all come from the cache has none, so text encoded afterwards would
+    # depend on the cache (a second run would not give the first one's numbers).
+    text, truncated = encode_captions(loaded, data.captions)
+    scale = logit_scale(loaded)
     videos = encode_videos(
         loaded,
         data.videos,
@@ -409,8 +425,7 @@ def evaluate(
         workers=options.workers,
         progress=progress,
     )
-    text, truncated = encode_captions(loaded, data.captions)
-    sim = similarity_matrix(loaded, text, videos, head)
+    sim = similarity_matrix(loaded, text, videos, head, scale=scale)
     return EvalResult(
         metrics=retrieval_report(sim, data.caption_video, ties=options.ties, dsl=options.dsl),
         videos=len(data.videos),
