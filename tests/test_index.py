@@ -383,6 +383,12 @@ def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path,
     link.unlink()
     assert index(library, model, tmp_path / "root").removed == 1  # the link itself
     assert names_under(library, tmp_path) == ["own.mp4"]
+    file_link = tmp_path / "root" / "linked-file.mp4"  # a link to a single file outside the root, the same
+    file_link.symlink_to(tmp_path / "elsewhere" / "e2.mp4")
+    assert index(library, model, tmp_path / "root").indexed == 1
+    file_link.unlink()
+    assert index(library, model, tmp_path / "root").removed == 1
+    assert names_under(library, tmp_path) == ["own.mp4"]
 
     # a linked folder that another root covers is that root's business
     link.symlink_to(tmp_path / "other", target_is_directory=True)

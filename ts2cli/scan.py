@@ -90,7 +90,8 @@ def scan_videos(
     ``exclude`` holds glob patterns matched against each file or folder name and against its path relative
     to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
     Hidden names (leading '.') are skipped unless ``include_hidden``. Unreadable folders are skipped.
-    ``linked``, when given, receives per (resolved) root the real folders outside it that symlinks led into.
+    ``linked``, when given, receives per (resolved) root the real folders and files outside it that symlinks
+    led to.
     Missing roots raise Ts2Error at the call, before anything is yielded.
     """
     return _walk_roots(check_roots(roots), tuple(exclude), include_hidden, linked)
@@ -144,14 +145,22 @@ def _walk_dir(
             if is_dir:
                 if not _excluded(name, rel, exclude, folder=True):
                     subfolders.append((folder / name, rel + "/"))
-                    if is_link and outside is not None:
-                        real = Path(os.path.realpath(folder / name))
-                        if not real.is_relative_to(root):
-                            outside.add(real)
+                    if is_link:
+                        _note_outside(folder / name, root, outside)
             elif is_video_file(name) and not _excluded(name, rel, exclude):
+                if is_link:
+                    _note_outside(folder / name, root, outside)
                 yield folder / name
         # Reversed so the stack pops them in sorted order; files of a folder come before its subfolders.
         stack.extend(reversed(subfolders))
+
+
+def _note_outside(link: Path, root: Path, outside: set[Path] | None) -> None:
+    """Add where ``link`` (a folder or a file) really is to ``outside`` when that is not under ``root``."""
+    if outside is not None:
+        real = Path(os.path.realpath(link))
+        if not real.is_relative_to(root):
+            outside.add(real)
 
 
 def _list_dir(folder: Path) -> list[tuple[str, bool, bool]]:

@@ -369,9 +369,9 @@ class Library:
     # ------------------------------------------------------------------ scanning (mark and sweep)
 
     def scan_areas(self, roots: Sequence[Path]) -> list[Path]:
-        """The folders a scan of ``roots`` answers for: the roots, and the folders outside them that symlinks
-        under them led into last time (``remember_links``), so that a video found through a link that is gone
-        now, or whose file is gone, is removed too. A linked folder that another root, not scanned now, covers
+        """The folders a scan of ``roots`` answers for: the roots, and the folders (and files) outside them that
+        symlinks under them led to last time (``remember_links``), so that a video found through a link that is
+        gone now, or whose file is gone, is removed too. A linked folder that another root, not scanned now, covers
         (it is inside that root or one of its own linked folders) is left to that root's next scan."""
         links = self._links()
         others = [Path(known) for known in links if Path(known) not in roots]
@@ -384,7 +384,7 @@ class Library:
         return areas
 
     def remember_links(self, linked: dict[Path, set[Path]]) -> None:
-        """Record, per scanned root, the folders outside it that its symlinks led into (see ``scan_areas``)."""
+        """Record, per scanned root, the folders and files outside it that its symlinks led to (``scan_areas``)."""
         links = self._links()
         for root, folders in linked.items():
             links[str(root)] = sorted(map(str, folders))
@@ -1063,9 +1063,10 @@ MODEL_SOURCE_KEY = "source"
 
 
 WEIGHT_KEYS = ("clip_weights", "checkpoint")
+"""Identity fields naming weights: a local file is ``name#sha256:digest`` (see ``WEIGHTS_DIGEST``), a tag is the
+tag."""
 WEIGHTS_DIGEST = "sha256:"
 """How a weights file's fingerprint in a model record starts when it is a digest of the whole file."""
-"""Identity fields naming weights: a local file is ``name#content-fingerprint``, a tag is the tag."""
 
 
 def _comparable(config: dict[str, Any]) -> str:
