@@ -246,3 +246,31 @@ def test_a_copy_damaged_in_place_is_replaced_through_torch(indexed):
         assert copy.read_bytes() != damaged and text_encoder.is_current(lib)  # written again
         repaired = text_encoder.load_text_encoder(lib)
         assert repaired is not None and np.isfinite(repaired.encode_texts(["a red square"])[0]).all()
+
+
+def test_a_library_from_before_whole_file_digests_keeps_its_copy_until_indexed_then_gets_a_new_one(indexed):
+    import onnx
+
+    from ts2cli.scan import fingerprint
+
+    root, options = indexed
+    weights, copy = Path(options.pretrained), root / "lib" / text_encoder.FILE_NAME
+    # the library and its copy as an earlier ts2 wrote them: the weights named by a sampled fingerprint
+    with Library.open(root / "lib", write=True) as lib:
+        old = lib.model_config() | {"clip_weights": f"{weights.name}#{fingerprint(weights)[:16]}"}
+        lib.set_model_config(old)
+        lib.commit()
+    exported = onnx.load(str(copy))
+    props = {p.key: p.value for p in exported.metadata_props}
+    onnx.helper.set_model_props(exported, props | {"identity": json.dumps(old, sort_keys=True)})
+    onnx.save_model(exported, str(copy))
+    with Library.open(root / "lib") as lib:
+        assert text_encoder.load_text_encoder(lib) is not None  # searches still answer without torch
+
+    with Library.open(root / "lib", write=True) as lib:  # the next index records the digest, and a new copy
+        index_folders(lib, load_model(options), IndexOptions(roots=[root / "videos"]))
+    weights.rename(weights.with_name("moved.pt"))  # a copy that matches the record needs no weights file
+    with Library.open(root / "lib") as lib:
+        assert "#sha256:" in lib.model_config()["clip_weights"]
+        encoder = text_encoder.load_text_encoder(lib)
+        assert encoder is not None and encoder.identity["clip_weights"] == lib.model_config()["clip_weights"]

@@ -1080,9 +1080,14 @@ def _comparable(config: dict[str, Any]) -> str:
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two model configs describe the same model, wherever its weights were loaded from."""
-    return (
-        _comparable(a) == _comparable(b) or _same_by_sampled_fingerprints(a, b) or _same_by_sampled_fingerprints(b, a)
-    )
+    return same_record(a, b) or _same_by_sampled_fingerprints(a, b) or _same_by_sampled_fingerprints(b, a)
+
+
+def same_record(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two model configs say the same thing (``source`` aside), fingerprints included: what a file
+    written for one record (the text encoder copy) must match, so that ``ts2 index`` rewrites it when the record
+    changes."""
+    return _comparable(a) == _comparable(b)
 
 
 def _same_by_sampled_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> bool:

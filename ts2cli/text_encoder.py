@@ -29,7 +29,7 @@ import numpy as np
 
 from . import tokenizer
 from .cores import available_cores
-from .store import DB_FILE, Library, same_model
+from .store import DB_FILE, Library, same_record
 from .tokenizer import encode
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ def _open_session(path: Path, threads: int, *, optimize: bool = True) -> onnxrun
 def _is_current(meta: dict[str, str], stored: dict[str, Any]) -> bool:
     try:
         current = meta.get("format") == FORMAT and meta.get("words", "").isdigit()
-        return current and same_model(json.loads(meta["identity"]), stored)
+        return current and same_record(json.loads(meta["identity"]), stored)
     except (KeyError, ValueError):
         return False
 
