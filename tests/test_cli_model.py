@@ -71,6 +71,7 @@ def test_model_report_says_zero_shot(tmp_path):
     assert report["mode"] == "zero-shot" and "zero-shot" in report["note"]
     assert report["embed_dim"] == 64 and report["device"] == "cpu" and report["compat"] == "fixed"
     assert report["precision"] == "auto" and report["dtype"] is None  # the first video batch decides
+    assert report["trained"] is None  # CLIP weights: nothing trained by ts2
     pinned = run_ts2("model", "--model", str(config), "--pretrained", str(weights), "--precision", "float32", "--json")
     assert json.loads(pinned.stdout)["dtype"] == "float32"  # nothing left to decide
 

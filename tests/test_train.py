@@ -242,6 +242,12 @@ def test_cli_train_then_eval(shapes, tmp_path):
     assert trained.exit_code == 0, trained.output
     summary = json.loads(trained.stdout)
     assert summary["last_epoch"] == 1 and summary["epochs"][0]["metrics"]["t2v"]["R@1"] >= 0
+    described = runner.invoke(app, ["model", "--checkpoint", summary["checkpoint"], "--device", "cpu", "--json"])
+    trained_record = json.loads(described.stdout)["trained"]  # what ts2 train recorded, for ts2 model to show
+    assert (trained_record["epoch"], trained_record["data"]) == (1, str(csv))
+    assert trained_record["eval"] == summary["epochs"][0]["metrics"]
+    shown = runner.invoke(app, ["model", "--checkpoint", summary["checkpoint"], "--device", "cpu"])
+    assert "epoch 1 (" in shown.stdout and "held-out t2v R@1" in shown.stdout
 
     # fine-tuning a checkpoint further keeps its compat mode and frame count unless told otherwise
     again = [

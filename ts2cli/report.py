@@ -25,7 +25,23 @@ def describe_model(loaded: Any) -> dict[str, Any]:
     note = _model_note(identity)
     # --precision auto on a CPU: bf16 only where the first video batch shows it accurate and faster
     dtype = loaded.dtype_name if loaded.precision_known else None
-    return {**identity, "note": note, "device": str(loaded.device), "precision": loaded.precision, "dtype": dtype}
+    described = {**identity, "note": note, "device": str(loaded.device), "precision": loaded.precision}
+    return {**described, "dtype": dtype, "trained": training_record(loaded.config.provenance)}
+
+
+def training_record(provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``ts2 train`` recorded in a checkpoint it wrote: data, epoch, steps, and the evaluation after that
+    epoch (None for CLIP weights and official checkpoints, which record nothing)."""
+    if provenance.get("trained_by") != "ts2 train":
+        return None
+    keys = ("data", "epoch", "step", "head", "eval")
+    return {key: provenance.get(key) for key in keys}
+
+
+def _training_line(trained: dict[str, Any]) -> str:
+    line = f"epoch {trained['epoch']} ({trained['step']} steps) on {trained['data']}"
+    t2v = (trained.get("eval") or {}).get("t2v") or {}
+    return line + (f"; held-out t2v R@1 {t2v['R@1']:.1f}" if "R@1" in t2v else "")
 
 
 def model_table(report: dict[str, Any]) -> Table:
@@ -38,6 +54,8 @@ def model_table(report: dict[str, Any]) -> Table:
             key = "loaded from"
         if key == "dtype" and value is None:
             value = "decided on the first video batch (float32, or bfloat16 where accurate and faster)"
+        if key == "trained" and value is not None:
+            value = _training_line(value)
         table.add_row(key, "-" if value is None else escape(str(value)))
     return table
 
