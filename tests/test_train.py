@@ -395,9 +395,13 @@ def test_an_interrupted_evaluation_loses_no_training(shapes, tmp_path, straight)
     options = TrainOptions(out_dir=tmp_path / "run", **RESUMABLE)
     with pytest.raises(KeyboardInterrupt):
         train(TINY, shapes, options, eval_data=shapes, progress=StopInEvaluation())
-    resumed = train(TINY, shapes, dataclasses.replace(options, resume=True))
+    resumed = train(TINY, shapes, dataclasses.replace(options, resume=True), eval_data=shapes)
     assert [e.steps for e in resumed.epochs] == [2, 4]  # epoch 1 was kept, not trained again
     assert_same_weights(resumed, straight)
+    # and its interrupted evaluation was done when the run went on, as an uninterrupted run does it
+    assert all(e.metrics is not None for e in resumed.epochs) and resumed.best_epoch is not None
+    first_config, _ = read_checkpoint(resumed.epochs[0].checkpoint)
+    assert first_config.provenance["eval"] == resumed.epochs[0].metrics
 
 
 def test_an_epoch_without_a_step_is_an_error(tmp_path):

@@ -598,6 +598,14 @@ def train(
     started_from = config.provenance.get("started_from") if state else None
     started_from = started_from or {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
     eval_failed: dict[str, str] = {}
+    if state is not None and eval_data is not None and trainer.history and trainer.history[-1].metrics is None:
+        # The evaluation after the last saved epoch was interrupted (or not asked for then): do it now, as an
+        # uninterrupted run would have, before training on.
+        record = trainer.history[-1]
+        evaluated = _evaluate(trainer, eval_data, frames, progress)
+        record.metrics = evaluated.metrics
+        eval_failed.update(evaluated.failed)
+        trainer.save(record, {**config.provenance, "eval": record.metrics})
 
     while trainer.epoch < options.epochs:
         epoch_started = time.perf_counter()
