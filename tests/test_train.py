@@ -413,7 +413,11 @@ def test_an_epoch_without_a_step_is_an_error(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(VideoDecodeError, match="could not run a single step"):
         train(TINY, data, TrainOptions(out_dir=out, epochs=1, batch_size=2))
-    assert not list(out.glob("*.safetensors")) and not (out / STATE_FILE).exists()
+    assert not out.exists()  # the run made the folder and saved nothing in it: not left behind
+    out.mkdir()
+    with pytest.raises(VideoDecodeError, match="could not run a single step"):
+        train(TINY, data, TrainOptions(out_dir=out, epochs=1, batch_size=2))
+    assert out.is_dir() and not list(out.iterdir())  # a folder the user made stays
 
 
 def test_resume_from_a_corrupt_state_is_a_one_line_error(shapes, tmp_path):

@@ -23,13 +23,14 @@ anywhere in between leaves a consistent pair behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -578,83 +579,85 @@ def train(
             f"{out} holds {LAST_CHECKPOINT} but no {STATE_FILE} to resume it from; choose another --out, "
             f"or delete {LAST_CHECKPOINT} there to start over."
         )
+    created = not out.exists()
     _check_out(out)
-    # Building a model from CLIP weights initialises the new parts from torch's global RNG: seed it (without
-    # disturbing the caller's RNG) so that the same options give the same run.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        loaded = _load(model, options, resume_from=epoch_checkpoint(out, state["epoch"]) if state else None)
-    trainer = Trainer(loaded, data, options)
-    if state is not None:
-        committed = epoch_checkpoint(out, state["epoch"])
-        if loaded.config.provenance.get("epoch") != state["epoch"]:
-            raise CheckpointError(f"Cannot resume: {committed} is not the epoch {out / STATE_FILE} records.")
-        trainer.load_state_dict(state)
-        # An interruption between the state file and last.safetensors leaves the latter an epoch behind.
-        _replace_with_copy(committed, out / LAST_CHECKPOINT)
-    config = loaded.config
-    sampling, sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
-    frames = frames or FrameMemory(sampler, options.frame_memory_mb * 1024 * 1024)
-    started_from = config.provenance.get("started_from") if state else None
-    started_from = started_from or {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
-    eval_failed: dict[str, str] = {}
-    if state is not None and eval_data is not None and trainer.history and trainer.history[-1].metrics is None:
-        # The evaluation after the last saved epoch was interrupted (or not asked for then): do it now, as an
-        # uninterrupted run would have, before training on.
-        record = trainer.history[-1]
-        evaluated = _evaluate(trainer, eval_data, frames, progress)
-        record.metrics = evaluated.metrics
-        eval_failed.update(evaluated.failed)
-        trainer.save(record, {**config.provenance, "eval": record.metrics})
-
-    while trainer.epoch < options.epochs:
-        epoch_started = time.perf_counter()
-        progress.epoch_start(trainer.epoch + 1, options.epochs, trainer.steps_per_epoch)
-        loss, lr = trainer.run_epoch(frames, progress)
-        trainer.epoch += 1
-        record = EpochRecord(
-            epoch=trainer.epoch,
-            loss=loss,
-            lr=lr,
-            steps=trainer.step,
-            seconds=round(time.perf_counter() - epoch_started, 3),
-            checkpoint=str(epoch_checkpoint(out, trainer.epoch)),
-        )
-        trainer.history.append(record)
-        provenance = {
-            "trained_by": "ts2 train",
-            "head": options.head,
-            "data": data_name,
-            "items_per_epoch": len(data),
-            "missing_videos": len(data.missing),
-            "sampling": sampling,
-            "epoch": trainer.epoch,
-            "step": trainer.step,
-            "recipe": options.recipe(),
-            "started_from": started_from,
-            "eval": None,
-        }
-        # Committed before the evaluation, so that a failed or interrupted evaluation loses no training.
-        trainer.save(record, provenance)
-        if eval_data is not None:
+    with _removed_if_left_empty(out, created):
+        # Building a model from CLIP weights initialises the new parts from torch's global RNG: seed it (without
+        # disturbing the caller's RNG) so that the same options give the same run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            loaded = _load(model, options, resume_from=epoch_checkpoint(out, state["epoch"]) if state else None)
+        trainer = Trainer(loaded, data, options)
+        if state is not None:
+            committed = epoch_checkpoint(out, state["epoch"])
+            if loaded.config.provenance.get("epoch") != state["epoch"]:
+                raise CheckpointError(f"Cannot resume: {committed} is not the epoch {out / STATE_FILE} records.")
+            trainer.load_state_dict(state)
+            # An interruption between the state file and last.safetensors leaves the latter an epoch behind.
+            _replace_with_copy(committed, out / LAST_CHECKPOINT)
+        config = loaded.config
+        sampling, sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
+        frames = frames or FrameMemory(sampler, options.frame_memory_mb * 1024 * 1024)
+        started_from = config.provenance.get("started_from") if state else None
+        started_from = started_from or {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
+        eval_failed: dict[str, str] = {}
+        if state is not None and eval_data is not None and trainer.history and trainer.history[-1].metrics is None:
+            # The evaluation after the last saved epoch was interrupted (or not asked for then): do it now, as an
+            # uninterrupted run would have, before training on.
+            record = trainer.history[-1]
             evaluated = _evaluate(trainer, eval_data, frames, progress)
             record.metrics = evaluated.metrics
             eval_failed.update(evaluated.failed)
-            record.seconds = round(time.perf_counter() - epoch_started, 3)
-            trainer.save(record, {**provenance, "eval": record.metrics})
-        progress.epoch_done(record)
+            trainer.save(record, {**config.provenance, "eval": record.metrics})
 
-    return TrainSummary(
-        out_dir=out,
-        checkpoint=out / LAST_CHECKPOINT,
-        epochs=trainer.history,
-        failed=trainer.failed,
-        steps=trainer.step,
-        seconds=time.perf_counter() - started,
-        missing=list(data.missing),
-        eval_missing=list(eval_data.missing) if eval_data is not None else [],
-        eval_failed=eval_failed,
-    )
+        while trainer.epoch < options.epochs:
+            epoch_started = time.perf_counter()
+            progress.epoch_start(trainer.epoch + 1, options.epochs, trainer.steps_per_epoch)
+            loss, lr = trainer.run_epoch(frames, progress)
+            trainer.epoch += 1
+            record = EpochRecord(
+                epoch=trainer.epoch,
+                loss=loss,
+                lr=lr,
+                steps=trainer.step,
+                seconds=round(time.perf_counter() - epoch_started, 3),
+                checkpoint=str(epoch_checkpoint(out, trainer.epoch)),
+            )
+            trainer.history.append(record)
+            provenance = {
+                "trained_by": "ts2 train",
+                "head": options.head,
+                "data": data_name,
+                "items_per_epoch": len(data),
+                "missing_videos": len(data.missing),
+                "sampling": sampling,
+                "epoch": trainer.epoch,
+                "step": trainer.step,
+                "recipe": options.recipe(),
+                "started_from": started_from,
+                "eval": None,
+            }
+            # Committed before the evaluation, so that a failed or interrupted evaluation loses no training.
+            trainer.save(record, provenance)
+            if eval_data is not None:
+                evaluated = _evaluate(trainer, eval_data, frames, progress)
+                record.metrics = evaluated.metrics
+                eval_failed.update(evaluated.failed)
+                record.seconds = round(time.perf_counter() - epoch_started, 3)
+                trainer.save(record, {**provenance, "eval": record.metrics})
+            progress.epoch_done(record)
+
+        return TrainSummary(
+            out_dir=out,
+            checkpoint=out / LAST_CHECKPOINT,
+            epochs=trainer.history,
+            failed=trainer.failed,
+            steps=trainer.step,
+            seconds=time.perf_counter() - started,
+            missing=list(data.missing),
+            eval_missing=list(eval_data.missing) if eval_data is not None else [],
+            eval_failed=eval_failed,
+        )
 
 
 def _evaluate(trainer: Trainer, data: CaptionSet, frames: FrameMemory, progress: TrainProgress) -> EvalResult:
@@ -687,6 +690,19 @@ def _check(options: TrainOptions, data: CaptionSet) -> None:
         )
     if options.precision not in PRECISIONS:
         raise Ts2Error(f"Unknown --precision '{options.precision}'; use {', '.join(PRECISIONS)}.")
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path, created: bool) -> Iterator[None]:
+    """A run that stops before it saves anything (no GPU, every video broken, Ctrl-C) leaves no empty --out folder
+    behind; one that saved an epoch keeps it (rmdir refuses a folder that is not empty)."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _check_out(out: Path) -> None:
