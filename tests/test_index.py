@@ -416,3 +416,51 @@ def test_a_checkpoint_with_broken_weights_stops_the_run_in_one_line(tmp_path, ma
     with pytest.raises(Ts2Error, match=r"features for .*a\.mp4 are not finite numbers: its weights look damaged"):
         index(library, broken, tmp_path / "v")
     assert library.stats().videos_ok == 0
+
+
+class StopAfterPlanning(Progress):
+    def planned(self, total: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C once the scan is done, before anything is embedded or swept
+
+
+def test_sweeping_what_links_led_to_spares_what_other_roots_cover(tmp_path, make_video, library, model):
+    names = ("ext/sub/a.mp4", "ext/b.mp4", "r1/c.mp4", "r2/d.mp4", "single/e.mp4", "nested/A/f.mp4", "nested/B/g.mp4")
+    for seed, name in enumerate(names):
+        make_video(name, seconds=1, texture=True, seed=seed)
+    root1, root2 = tmp_path / "r1", tmp_path / "r2"
+
+    # a link to a folder holding another root: only what no other root covers goes with the link
+    index(library, model, tmp_path / "ext" / "sub")
+    (root1 / "ext").symlink_to(tmp_path / "ext", target_is_directory=True)
+    index(library, model, root1)
+    (root1 / "ext").unlink()
+    assert index(library, model, root1).removed == 1 and "a.mp4" in names_under(library, tmp_path)
+
+    # a single file indexed as a root of its own is spared too
+    index(library, model, tmp_path / "single" / "e.mp4")
+    (root1 / "e.mp4").symlink_to(tmp_path / "single" / "e.mp4")
+    index(library, model, root1)
+    (root1 / "e.mp4").unlink()
+    assert index(library, model, root1).removed == 0 and "e.mp4" in names_under(library, tmp_path)
+
+    # two roots scanned together both learn where a link inside a folder they share leads
+    (tmp_path / "nested" / "A" / "to-B").symlink_to(tmp_path / "nested" / "B", target_is_directory=True)
+    for root in (root1, root2):
+        (root / "A").symlink_to(tmp_path / "nested" / "A", target_is_directory=True)
+    index(library, model, root1, root2)
+    (root1 / "A").unlink()
+    assert index(library, model, root1).removed == 0  # g.mp4 is still reached through r2/A/to-B
+
+    # a run stopped after its scan forgets no place it has yet to sweep
+    (root2 / "A").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        index_folders(library, model, IndexOptions(roots=[root2]), StopAfterPlanning())
+    assert index(library, model, root2).removed == 2  # f.mp4 and g.mp4
+    assert names_under(library, tmp_path) == ["a.mp4", "c.mp4", "d.mp4", "e.mp4"]
+
+
+def test_an_empty_name_is_neither_a_folder_to_index_nor_a_library(tmp_path):
+    for args in (("index", "", "--library", str(tmp_path / "lib")), ("status", "--library", "")):
+        refused = subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert refused.returncode == 1 and "An empty name was given" in refused.stderr, refused.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written in the current folder

@@ -43,8 +43,9 @@ output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDE
 _state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted."}
 """``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train)."""
 
+# str, not Path: typer would turn "" (an unset variable in a script) into Path("."), the current folder
 LibraryDir = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--library", help="Library folder (default: $TS2_HOME, else the user data folder).", show_default=False
     ),
@@ -128,8 +129,8 @@ def model_command(
 
 @app.command("index")
 def index_command(
-    folders: Annotated[
-        list[Path], typer.Argument(metavar="FOLDERS", help="Folders (or files) to index, searched recursively.")
+    folders: Annotated[  # str, not Path, for the same reason as LibraryDir
+        list[str], typer.Argument(metavar="FOLDERS", help="Folders (or files) to index, searched recursively.")
     ],
     library: LibraryDir = None,
     exclude: Annotated[

@@ -243,16 +243,19 @@ def index_folders(
         progress.stage("writing the text encoder for ts2 search")
         text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
     summary = IndexSummary()
-    areas = library.scan_areas(roots)
-    library.begin_scan(areas)
+    # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
+    linked_before, others = library.linked_areas(roots)
+    library.begin_scan([*roots, *linked_before])
     progress.scanned(0)
     linked: dict[Path, set[Path]] = {}
     found = scan_videos(roots, options.exclude, options.include_hidden, linked)
     todo = list(_plan(library, _counted(found, progress), options, summary))
+    library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
     library.commit()
     progress.planned(len(todo))
     _embed_all(library, model, todo, options, summary, progress)
-    summary.removed = len(library.sweep_unseen(areas))
+    removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
+    summary.removed = len(set(removed))
     library.remember_links(linked)
     library.commit()
     library.save_ann()

@@ -101,10 +101,12 @@ def _walk_roots(
     roots: list[Path], exclude: tuple[str, ...], include_hidden: bool, linked: dict[Path, set[Path]] | None
 ) -> Iterator[Path]:
     seen_files: set[Path] = set()
-    seen_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of real folders already walked
     for root in roots:
+        outside = linked.setdefault(root, set()) if linked is not None else None
         if root.is_dir():
-            outside = linked.setdefault(root, set()) if linked is not None else None
+            # (st_dev, st_ino) of the real folders walked, per root: a folder two roots reach is walked for both,
+            # so that each root learns where the links inside it lead (files are yielded once all the same).
+            seen_dirs: set[tuple[int, int]] = set()
             candidates: Iterator[Path] = _walk_dir(root, exclude, include_hidden, seen_dirs, outside)
         elif is_video_file(root) and not _excluded(root.name, root.name, exclude):
             candidates = iter([root])

@@ -368,26 +368,25 @@ class Library:
 
     # ------------------------------------------------------------------ scanning (mark and sweep)
 
-    def scan_areas(self, roots: Sequence[Path]) -> list[Path]:
-        """The folders a scan of ``roots`` answers for: the roots, and the folders (and files) outside them that
+    def linked_areas(self, roots: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+        """What a scan of ``roots`` answers for besides the roots: the folders (and files) outside them that
         symlinks under them led to last time (``remember_links``), so that a video found through a link that is
-        gone now, or whose file is gone, is removed too. A linked folder that another root, not scanned now, covers
-        (it is inside that root or one of its own linked folders) is left to that root's next scan."""
+        gone now, or whose file is gone, is removed too; and the places that other indexed roots, not scanned now,
+        cover (those roots and where their own links led), whose videos such a sweep must leave alone."""
         links = self._links()
+        linked = sorted({Path(place) for root in roots for place in links.get(str(root), [])} - set(roots))
         others = [Path(known) for known in links if Path(known) not in roots]
-        others += [Path(folder) for known in others for folder in links.get(str(known), [])]
-        areas = list(roots)
-        for root in roots:
-            for folder in map(Path, links.get(str(root), [])):
-                if not any(folder.is_relative_to(other) for other in others) and folder not in areas:
-                    areas.append(folder)
-        return areas
+        protected = others + [Path(place) for known in others for place in links.get(str(known), [])]
+        return linked, protected
 
-    def remember_links(self, linked: dict[Path, set[Path]]) -> None:
-        """Record, per scanned root, the folders and files outside it that its symlinks led to (``scan_areas``)."""
+    def remember_links(self, linked: dict[Path, set[Path]], *, keep_old: bool = False) -> None:
+        """Record, per scanned root, the folders and files outside it that its symlinks led to (see
+        ``linked_areas``); ``keep_old`` adds them to what was recorded, so that a run stopped before its sweep
+        forgets no place it has yet to sweep."""
         links = self._links()
-        for root, folders in linked.items():
-            links[str(root)] = sorted(map(str, folders))
+        for root, places in linked.items():
+            kept = set(links.get(str(root), [])) if keep_old else set()
+            links[str(root)] = sorted(kept | set(map(str, places)))
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
 
@@ -409,11 +408,17 @@ class Library:
         with self._write_step():
             self._conn.execute("UPDATE videos SET seen = 1 WHERE id = ?", (video_id,))
 
-    def sweep_unseen(self, roots: Sequence[str | os.PathLike[str]]) -> list[str]:
-        """Delete the videos under ``roots`` that the scan did not see; return their paths, sorted."""
+    def sweep_unseen(
+        self, roots: Sequence[str | os.PathLike[str]], *, spare: Sequence[str | os.PathLike[str]] = ()
+    ) -> list[str]:
+        """Delete the videos under ``roots`` that the scan did not see, except those under ``spare``; return their
+        paths, sorted."""
         doomed: list[tuple[int, str, bool]] = []
+        spared = [_under_root(place) for place in spare]
         for root in roots:
-            where, args = _under_root(root)
+            under, args = _under_root(root)
+            where = " AND ".join([f"({under})", *(f"NOT ({condition})" for condition, _ in spared)])
+            args = [*args, *(arg for _, condition_args in spared for arg in condition_args)]
             doomed += self._conn.execute(
                 f"SELECT id, path, EXISTS (SELECT 1 FROM features WHERE video_id = videos.id) "
                 f"FROM videos WHERE seen = 0 AND ({where})",
