@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import MODEL_SOURCE_KEY, Library, VideoRow, model_summary, same_model
+from .store import MODEL_SOURCE_KEY, Library, VideoRow, file_fingerprint, model_summary, same_model
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions
@@ -32,9 +32,7 @@ def load_library_model(
     from .model import load_model
     from .model.loading import options_from_source
 
-    stored = library.model_config()
-    if stored is None:
-        raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
+    stored = _stored_model(library)
     recorded = options is None
     if options is None:
         if MODEL_SOURCE_KEY not in stored:
@@ -61,12 +59,19 @@ def load_library_model(
     return model
 
 
+def _stored_model(library: Library) -> dict[str, Any]:
+    stored = library.model_config()
+    if stored is None:
+        raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
+    return stored
+
+
 def _check_recorded_files(stored: dict[str, Any], options: ModelOptions) -> None:
     """A one-line error naming the option to use when the local file the library's model came from is gone (a
     weights file named by a tag, e.g. openai, is downloaded again instead)."""
     if options.checkpoint is not None:
         path, option = options.checkpoint, "--checkpoint"
-    elif "#" in str(stored.get("clip_weights")) and options.weights_file is not None:
+    elif file_fingerprint(stored.get("clip_weights")) is not None and options.weights_file is not None:
         path, option = options.weights_file, "--pretrained"
     else:
         return
@@ -93,9 +98,7 @@ def search_model_options(
     from .model import ModelOptions
     from .model.loading import options_from_source
 
-    stored = library.model_config()
-    if stored is None:
-        raise LibraryError(f"The library at {library.directory} has no model yet; run `ts2 index FOLDER` first.")
+    stored = _stored_model(library)
     source = stored.get(MODEL_SOURCE_KEY)
     if source:
         base = options_from_source(source, device)

@@ -9,6 +9,8 @@ from rich.filesize import decimal
 from rich.markup import escape
 from rich.table import Table
 
+from .store import model_summary
+
 ZERO_SHOT_NOTE = (
     "zero-shot: CLIP frame features combined by the TS2 similarity; no trained TS2-Net parts "
     "(pass --checkpoint for a trained model)"
@@ -106,7 +108,7 @@ def status_table(status: dict[str, Any]) -> Table:
     table.add_column(overflow="fold")
     model = status["model"] or {}
     table.add_row("library", escape(status["library"]))
-    table.add_row("model", escape(_model_line(model)) if model else "-")
+    table.add_row("model", escape(model_summary(model)) if model else "-")
     length = f" ({_total_length(status['duration'])} of video)" if status["videos"] else ""
     table.add_row("videos", f"{status['videos']:,}{length}")
     table.add_row("failed", str(len(status["failed"])))
@@ -124,11 +126,6 @@ def status_table(status: dict[str, Any]) -> Table:
 def _failure_line(path: str, reason: str) -> str:
     """Paths and reasons are shown as they are: a file may be called ``[red].mp4``."""
     return f"[yellow]{escape(path)}[/yellow]: {escape(reason)}"
-
-
-def _model_line(model: dict[str, Any]) -> str:
-    weights = model.get("checkpoint") or model.get("clip_weights")
-    return f"{model.get('backbone')} ({weights}), {model.get('mode')}, compat {model.get('compat')}"
 
 
 def summary_table(summary: Any, library: Any) -> Table:

@@ -1,7 +1,7 @@
 """Find the video files under the folders (or files) a user names, and fingerprint them.
 
 Walking is by file extension only; whether a file really decodes is ts2cli.decode's business. Symlinked
-folders are followed, but every real folder is entered at most once, so symlink loops terminate.
+folders are followed, but every real folder is entered at most once per root, so symlink loops terminate.
 """
 
 from __future__ import annotations
@@ -227,11 +227,11 @@ def file_digest(path: Path | str) -> str:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if _stat_key(path, path.stat()) == entry.name:  # not changed while it was read
+        from .store import write_text_atomically
+
         with contextlib.suppress(OSError):
             entry.parent.mkdir(parents=True, exist_ok=True)
-            temporary = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-            temporary.write_text(digest)
-            os.replace(temporary, entry)
+            write_text_atomically(entry, digest)
     return digest
 
 

@@ -394,7 +394,7 @@ class Library:
         try:
             links = json.loads(self._meta("linked_folders") or "{}")
         except ValueError:
-            return {}  # only an optimisation of sweeping is lost: the next scan of each root records it again
+            return {}  # nothing outside the roots is swept until each root's next scan records its links again
         return links if isinstance(links, dict) else {}
 
     def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
@@ -844,7 +844,7 @@ class Library:
                 "ef_construction": ANN_EF_CONSTRUCTION if index is None else index.ef_construction,
                 "index_bytes": index_bytes,
             }
-            _atomic_write_text(directory / ANN_META_FILE, json.dumps(sidecar, indent=1) + "\n")
+            write_text_atomically(directory / ANN_META_FILE, json.dumps(sidecar, indent=1) + "\n")
             _fsync_dir(directory)
         if self._ann is index and self._ann_gen == gen:
             self._ann_dirty = False
@@ -1074,12 +1074,17 @@ WEIGHTS_DIGEST = "sha256:"
 """How a weights file's fingerprint in a model record starts when it is a digest of the whole file."""
 
 
+def file_fingerprint(value: Any) -> str | None:
+    """The content part of a weights field that names a local file (``name#fingerprint``); None for a tag."""
+    return value.rpartition("#")[2] if isinstance(value, str) and "#" in value else None
+
+
 def _comparable(config: dict[str, Any]) -> str:
     # Weights files move and get renamed: their content decides, not their name.
     comparable = {k: v for k, v in config.items() if k != MODEL_SOURCE_KEY}
     for key in WEIGHT_KEYS:
-        if isinstance(comparable.get(key), str) and "#" in comparable[key]:
-            comparable[key] = "#" + comparable[key].rpartition("#")[2]
+        if (fingerprint := file_fingerprint(comparable.get(key))) is not None:
+            comparable[key] = "#" + fingerprint
     return _canonical_json(comparable)
 
 
@@ -1105,10 +1110,8 @@ def _same_by_sampled_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> b
     files = new.get(MODEL_SOURCE_KEY) or {}
     relabelled, sampled = dict(new), False
     for key, file_key in zip(WEIGHT_KEYS, ("weights_file", "checkpoint"), strict=True):
-        recorded = old.get(key)
-        if not (isinstance(recorded, str) and "#" in recorded) or recorded.rpartition("#")[2].startswith(
-            WEIGHTS_DIGEST
-        ):
+        recorded = file_fingerprint(old.get(key))
+        if recorded is None or recorded.startswith(WEIGHTS_DIGEST):
             continue
         try:
             relabelled[key] = "#" + fingerprint(files[file_key])[:16]
@@ -1270,7 +1273,8 @@ def _fsync_dir(directory: Path) -> None:
         _fsync_file(directory)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
