@@ -54,6 +54,8 @@ def test_official_checkpoint_loads_and_gives_identical_outputs(tmp_path, compat)
 
     loaded = load_model(ModelOptions(checkpoint=path, compat=compat, device="cpu"))
     assert loaded.config.zero_shot is False and loaded.identity["mode"] == "ts2net"
+    assert loaded.config.compat == compat
+    assert load_model(ModelOptions(checkpoint=path, device="cpu")).config.compat == "official"  # trained so
     net = loaded.net
     net.selector.samples = reference.selector.samples = 50
     for key, tensor in reference.state_dict().items():

@@ -18,7 +18,7 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 
 from ts2cli.errors import LibraryError, Ts2Error
-from ts2cli.indexer import IndexOptions, Progress, index_folders
+from ts2cli.indexer import KEYFRAME_SNAP, IndexOptions, ModelOnDemand, Progress, index_folders, model_request
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.store import Library
 
@@ -138,6 +138,62 @@ def test_reindex_is_incremental(tmp_path, make_video, library):
     assert np.array_equal(library.frame_features([moved.id])[moved.id], features_b)
     assert library.get_by_path(str((folder / "c.mp4").resolve())) is None
     assert library.stats().videos_ok == 4
+
+
+def test_the_model_is_loaded_only_when_a_video_is_to_be_embedded(tmp_path, make_video, library, model):
+    folder = tmp_path / "v"
+    make_video("v/a.mp4", seconds=1)
+    make_video("v/b.mp4", seconds=1, seed=1)
+    loads = []
+    request = {"model": "tiny", "pretrained": None, "checkpoint": None, "compat": None}
+
+    def run(asked: dict, **options) -> tuple:
+        told = Recorder()
+        source = ModelOnDemand(lambda: loads.append(asked) or model, asked)
+        return index_folders(library, source, IndexOptions(roots=[folder], **options), told), told.events
+
+    first, _ = run(request)
+    assert first.indexed == 2 and len(loads) == 1  # a new library: loaded and checked before the scan
+    assert library.loaded_from() == request
+
+    nothing, events = run(request)
+    assert (nothing.unchanged, len(loads)) == (2, 1) and ("stage", "loading the model") not in events
+    assert nothing.pipeline.dtype is None and nothing.pipeline.to_json()["bottleneck"] is None
+    (folder / "a.mp4").rename(folder / "c.mp4")
+    moved, _ = run(request)
+    (folder / "b.mp4").unlink()
+    removed, _ = run(request)
+    assert (moved.moved, removed.removed, len(loads)) == (1, 1, 1)  # features reused or dropped: no model needed
+
+    make_video("v/d.mp4", seconds=2, fps=7)
+    added, events = run(request)
+    assert added.indexed == 1 and len(loads) == 2
+    assert events.index(("stage", "loading the model")) > events.index(("scanned", 2))  # loaded after the scan
+
+    record = library.model_config()  # the file it was loaded from is gone (say, open_clip's download of a tag)
+    library.set_model_config({**record, "source": {**record["source"], "weights_file": str(tmp_path / "gone")}})
+    library.remember_loaded_from(request)
+    run(request)
+    assert len(loads) == 3  # loaded up front, where a download would not fight the progress bar
+
+    other = {**request, "compat": "official"}  # other options: loaded and checked first, though nothing is new
+    for asked, options in ((other, {}), (request, {"rebuild": True})):
+        run(asked, **options)
+        assert loads[-1] is asked
+    assert len(loads) == 5 and library.stats().videos_ok == 2
+
+
+def test_a_model_request_names_local_files_by_content(tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"first weights")
+    asked = model_request("ViT-B-32", str(weights), None, None)
+    assert asked["pretrained"] == {"path": str(weights.resolve()), "sha256": asked["pretrained"]["sha256"]}
+    assert model_request("ViT-B-32", str(weights), None, None) == asked
+    weights.write_bytes(b"other weights")  # retrained in place
+    assert model_request("ViT-B-32", str(weights), None, None) != asked
+    assert model_request("ViT-B-32", "openai", None, "fixed") == {
+        "model": "ViT-B-32", "pretrained": "openai", "checkpoint": None, "compat": "fixed"
+    }  # fmt: skip
 
 
 def test_running_out_of_memory_names_the_option_and_keeps_what_was_done(tmp_path, make_video, library):
@@ -306,6 +362,24 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
         assert len(set(ids.tolist())) == 24 == len(vectors)
 
 
+INDEX_AND_REPORT = """
+import sys
+from ts2cli.cli import app
+app(sys.argv[1:], standalone_mode=False)
+print("torch" in sys.modules)
+"""
+
+
+def test_reindexing_unchanged_folders_does_not_import_torch(tmp_path, tiny_files, make_video):
+    make_video("v/a.mp4", seconds=1)
+    arguments = ts2_index(tmp_path / "v", tmp_path / "lib", tiny_files, "--json")[3:]  # without "python -m ts2cli"
+    for expected in ({"indexed": 1, "torch": True}, {"indexed": 0, "unchanged": 1, "torch": False}):
+        run = subprocess.run([sys.executable, "-c", INDEX_AND_REPORT, *arguments], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        summary, imported = run.stdout.rsplit("\n", 2)[:2]
+        assert {**json.loads(summary), "torch": imported == "True"}.items() >= expected.items()
+
+
 def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_videos):
     """While one writer holds the library (here: this test, through the same lock ts2 index takes), another
     `ts2 index` exits with a clear message, or with --wait waits for it and then runs."""
@@ -416,6 +490,30 @@ def test_a_checkpoint_with_broken_weights_stops_the_run_in_one_line(tmp_path, ma
     with pytest.raises(Ts2Error, match=r"features for .*a\.mp4 are not finite numbers: its weights look damaged"):
         index(library, broken, tmp_path / "v")
     assert library.stats().videos_ok == 0
+
+
+def test_official_mode_stores_each_real_frame_of_a_short_video(tmp_path, make_video, library):
+    """Official mode's own mask is the tiled one (spec §10.1, quirk 1): for 7 real frames of 12 it marks 8 slots,
+    padding among them. The library keeps the 7 real frames, each with its time."""
+    from ts2cli.decode import sample_frames
+    from ts2cli.model import save_checkpoint
+
+    short = make_video("v/short.mp4", seconds=1, fps=7)
+    net = tiny_net(compat="official")
+    path = tmp_path / "official.safetensors"
+    save_checkpoint(net, path, net.config)
+    options = ModelOptions(checkpoint=path, device="cpu", precision="float32")
+    summary = index(library, load_model(options), tmp_path / "v")
+    assert summary.indexed == 1 and not summary.failed
+    row = library.get_by_path(str(short.path.resolve()))
+    fresh = load_model(options)  # its seeded top-k noise starts where the indexer's did
+    assert fresh.config.compat == "official"
+    sampled = sample_frames(short.path, 12, fresh.image_size, keyframe_snap=KEYFRAME_SNAP)
+    assert len(sampled.times) == 7 and row.frame_times == pytest.approx(sampled.times)
+    direct = fresh.encode_frames([sampled.frames])[0]
+    np.testing.assert_allclose(library.frame_features([row.id])[row.id], direct, rtol=2e-3, atol=2e-3)
+    _, tiled = fresh.encode_videos([sampled.frames])
+    assert tiled[0].sum() == 8  # the model's own mask: not the real frames
 
 
 class StopAfterPlanning(Progress):

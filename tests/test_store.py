@@ -150,6 +150,23 @@ def test_model_config_check(libdir: Path, rng: np.random.Generator) -> None:
         assert lib.stats().dim == 8
 
 
+def test_the_request_a_model_was_loaded_from_holds_while_the_record_does(libdir: Path) -> None:
+    request = {"model": "ViT-B-32", "pretrained": "openai", "checkpoint": None, "compat": None}
+    with Library.open(libdir, write=True, create=True) as lib:
+        assert lib.loaded_from() is None
+        lib.check_model(MODEL)
+        lib.remember_loaded_from(request)
+    with Library.open(libdir, write=True) as lib:
+        assert lib.loaded_from() == request
+        lib.check_model({**MODEL, "source": {"weights_file": "/moved/here"}})  # same model, record rewritten
+        assert lib.loaded_from() is None
+        lib.remember_loaded_from(request)
+        lib.clear({"name": "other"})
+        assert lib.loaded_from() is None
+        lib._set_meta("model_request", "{damaged")
+        assert lib.loaded_from() is None
+
+
 # ---------------------------------------------------------------- writes and reads
 
 

@@ -154,8 +154,7 @@ def index_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Index the videos under FOLDERS: new and changed files are embedded, deleted ones removed."""
-    from .indexer import IndexOptions, index_folders
-    from .model import load_model
+    from .indexer import IndexOptions, ModelOnDemand, index_folders, model_request
     from .progress import IndexProgressBar
     from .report import summary_table
     from .scan import check_roots
@@ -173,11 +172,20 @@ def index_command(
         commit_every=commit_every,
     )
     on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
+
+    def load() -> Any:
+        from .model import load_model
+
+        return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
+
     with Library.open(library, write=True, create=True, wait=wait) as lib:
-        # Loaded before the bar starts: a first use downloads the weights, and the download shows its own progress.
-        loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
+        source = ModelOnDemand(load, model_request(model, pretrained, checkpoint, compat))
+        if rebuild or not source.recorded_in(lib):
+            # Loaded before the bar starts: a first use downloads the weights, and the download shows its own
+            # progress. Otherwise the model is loaded only if a video needs it.
+            source.get()
         with IndexProgressBar(console, enabled=not as_json) as bar:
-            summary = index_folders(lib, loaded, options, bar)
+            summary = index_folders(lib, source, options, bar)
     if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):
         console.print(
             f"[yellow]note:[/yellow] No video files under {escape(', '.join(map(str, roots)))} (hidden files and "

@@ -18,24 +18,28 @@ import errno
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
-from .model import LoadedModel, out_of_memory_says
-from .scan import check_roots, fingerprint, scan_videos
+from .scan import check_roots, file_digest, fingerprint, scan_videos
 from .search import global_vector
-from .store import Library, printable_path, storable_path
+from .store import MODEL_SOURCE_KEY, Library, printable_path, storable_path
+
+if TYPE_CHECKING:  # torch and the model are imported only when a video is to be embedded (``ModelOnDemand``)
+    import torch
+
+    from .model import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ class PipelineStats:
     torch_threads: int = 0
     """torch threads per model worker."""
     batch_size: int = 0
-    dtype: str = "float32"
-    """The precision the model ran in (see ``LoadedModel.dtype``), known after the first batch."""
+    dtype: str | None = None
+    """The precision the model ran in (see ``LoadedModel.dtype``), known after the first batch; None if no video
+    reached the model."""
     videos: int = 0
     """Videos decoded (successfully or not)."""
     batches: int = 0
@@ -149,7 +154,7 @@ class PipelineStats:
             "frames": self.frames,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "shares": {k: round(v, 3) for k, v in self.shares().items()},
-            "bottleneck": self.bottleneck(),
+            "bottleneck": self.bottleneck() if self.videos else None,
         }
 
 
@@ -231,17 +236,65 @@ def default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 4
 
 
+class ModelOnDemand:
+    """A model loaded the first time it is needed, from ``request`` (``model_request``, None if unknown).
+
+    When the library's model record was last loaded from the same request (``Library.loaded_from``), the record
+    stands for the model's identity, and a run with nothing to embed never loads it: re-indexing unchanged
+    folders then skips importing torch and open_clip, most of its time (6.3 of 8.5 s here).
+    """
+
+    def __init__(self, load: Callable[[], LoadedModel], request: dict[str, Any] | None = None) -> None:
+        self._load, self.request = load, request
+        self._model: LoadedModel | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> LoadedModel:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def recorded_in(self, library: Library) -> bool:
+        """Whether ``library``'s model record stands for this model without loading it. The files it was loaded
+        from must be there too: a tag's download deleted from open_clip's cache is fetched again before the
+        progress bar starts, not inside it."""
+        if self.request is None or library.loaded_from() != self.request:
+            return False
+        source = (library.model_config() or {}).get(MODEL_SOURCE_KEY) or {}
+        return all(Path(source[key]).is_file() for key in ("weights_file", "checkpoint") if source.get(key))
+
+
+def model_request(model: str, pretrained: str | None, checkpoint: Path | None, compat: str | None) -> dict[str, Any]:
+    """The model options of a command line in a form that two runs can compare: local files by resolved path and
+    content digest (a checkpoint retrained in place is another request), tags such as ``openai`` as given."""
+
+    def local(name: str | Path | None) -> dict[str, str] | None:
+        path = Path(name).expanduser() if name else None
+        if path is None or not path.is_file():
+            return None
+        return {"path": str(path.resolve()), "sha256": file_digest(path)}
+
+    return {
+        "model": local(model) if model.endswith(".json") else model,
+        "pretrained": local(pretrained) or pretrained,
+        "checkpoint": local(checkpoint) or (str(checkpoint) if checkpoint else None),
+        "compat": compat,
+    }
+
+
 def index_folders(
-    library: Library, model: LoadedModel, options: IndexOptions, progress: Progress | None = None
+    library: Library, model: LoadedModel | ModelOnDemand, options: IndexOptions, progress: Progress | None = None
 ) -> IndexSummary:
     """Bring the library up to date with the video files under ``options.roots``."""
     started = time.perf_counter()
     progress = progress or Progress()
     roots = check_roots(options.roots)
-    library.check_model(model.identity, rebuild=options.rebuild)
-    if text_encoder.writable(model) and not text_encoder.is_current(library):
-        progress.stage("writing the text encoder for ts2 search")
-        text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
+    source = model if isinstance(model, ModelOnDemand) else ModelOnDemand(lambda: model)
+    if options.rebuild or not source.recorded_in(library):
+        _adopt_model(library, source, options.rebuild, progress)
     summary = IndexSummary()
     # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
     linked_before, others = library.linked_areas(roots)
@@ -252,8 +305,12 @@ def index_folders(
     todo = list(_plan(library, _counted(found, progress), options, summary))
     library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
     library.commit()
+    if todo and not source.loaded:
+        progress.stage("loading the model")
+        _adopt_model(library, source, False, progress)
     progress.planned(len(todo))
-    _embed_all(library, model, todo, options, summary, progress)
+    if todo:
+        _embed_all(library, source.get(), todo, options, summary, progress)
     removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed))
     library.remember_links(linked)
@@ -261,6 +318,18 @@ def index_folders(
     library.save_ann()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _adopt_model(library: Library, source: ModelOnDemand, rebuild: bool, progress: Progress) -> None:
+    """Load the model, check it against the library's record (a new library adopts it), write its text encoder
+    copy, and remember what it was loaded from."""
+    model = source.get()
+    library.check_model(model.identity, rebuild=rebuild)
+    if text_encoder.writable(model) and not text_encoder.is_current(library):
+        progress.stage("writing the text encoder for ts2 search")
+        text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch
+    if source.request is not None:
+        library.remember_loaded_from(source.request)
 
 
 def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
@@ -377,7 +446,7 @@ def _embed_all(
                 _store_batch(library, done, summary, progress, model.device)
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
-        stats.dtype = model.dtype_name
+        stats.dtype = model.dtype_name if model.precision_known else None
         stats.wall_seconds = time.perf_counter() - started
         stats.cpu_seconds = time.process_time() - cpu_started
 
@@ -390,10 +459,8 @@ def _draws_noise(model: LoadedModel) -> bool:
 
 @dataclass(frozen=True)
 class _Embedded:
-    features: np.ndarray
-    """(B, T, D) float32 per-frame features."""
-    valid: np.ndarray
-    """(B, T) bool: which of them are real frames."""
+    frames: list[np.ndarray]
+    """Per video, (n, D) float32 features of its n real frames (``LoadedModel.encode_frames``)."""
     seconds: float
 
 
@@ -440,9 +507,8 @@ class _ModelRunner:
 def _infer(model: LoadedModel, videos: list[np.ndarray]) -> _Embedded:
     """Runs in a model worker."""
     began = time.perf_counter()
-    pixels, mask = model.video_batch(videos)
-    features, valid = model.encode_pixels(pixels, mask)
-    return _Embedded(features, valid, time.perf_counter() - began)
+    frames = model.encode_frames(videos)
+    return _Embedded(frames, time.perf_counter() - began)
 
 
 def _store_batch(
@@ -454,9 +520,8 @@ def _store_batch(
         embedded = done.future.result()
     began = time.perf_counter()
     stats.infer_seconds += embedded.seconds
-    stats.frames += int(embedded.valid.sum())
-    for (work, video), video_features, video_mask in zip(done.batch, embedded.features, embedded.valid, strict=True):
-        frames = video_features[video_mask]
+    stats.frames += sum(len(frames) for frames in embedded.frames)
+    for (work, video), frames in zip(done.batch, embedded.frames, strict=True):
         if not np.isfinite(frames).all():
             raise Ts2Error(
                 f"The model's features for {work.path} are not finite numbers: its weights look damaged (a training "
@@ -481,6 +546,8 @@ def _store_batch(
 
 
 def _out_of_memory_says(device: torch.device, videos: int) -> contextlib.AbstractContextManager[None]:
+    from .model import out_of_memory_says
+
     return out_of_memory_says(
         f"embedding a batch of {videos} video{'s' if videos != 1 else ''} on {device.type}",
         "run again with a smaller --batch-size (the videos indexed so far are kept)",
@@ -496,6 +563,8 @@ def _timed_commit(library: Library, stats: PipelineStats) -> None:
 @contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count for the duration of the run, restored afterwards (it is process-wide)."""
+    import torch
+
     previous = torch.get_num_threads()
     if count != previous:
         torch.set_num_threads(count)

@@ -177,8 +177,7 @@ def embed_example(model: LoadedModel, path: Path) -> np.ndarray:
     from .search import global_vector
 
     sampled = sample_frames(path, model.config.frames, model.image_size, keyframe_snap=KEYFRAME_SNAP)
-    features, mask = model.encode_videos([sampled.frames])
-    return global_vector(features[0][mask[0]])
+    return global_vector(model.encode_frames([sampled.frames])[0])
 
 
 def example_video(path: Path) -> Path:

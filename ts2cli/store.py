@@ -333,6 +333,23 @@ class Library:
         with self._write_step():
             self._set_meta("model", _canonical_json(config))
 
+    def loaded_from(self) -> dict[str, Any] | None:
+        """The model request (``indexer.model_request``) that the library's model record was last loaded from, or
+        None if the record has changed since (a rebuild, a move of its weights file) or none was remembered."""
+        try:
+            remembered = json.loads(self._meta("model_request") or "null")
+        except ValueError:
+            return None
+        current = self._meta("model")
+        if not isinstance(remembered, dict) or current is None or remembered.get("model") != current:
+            return None
+        return remembered.get("request")
+
+    def remember_loaded_from(self, request: dict[str, Any]) -> None:
+        """Remember that the model record as it stands now came from ``request`` (see ``loaded_from``)."""
+        with self._write_step():
+            self._set_meta("model_request", json.dumps({"request": request, "model": self._meta("model")}))
+
     def check_model(self, config: dict[str, Any], *, rebuild: bool = False) -> None:
         """Make sure the library's vectors come from ``config``'s model.
 

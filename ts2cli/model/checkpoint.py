@@ -121,6 +121,7 @@ def convert_official(state: Mapping[str, torch.Tensor]) -> tuple[TS2Config, dict
         top_k=top_k,
         temporal_layers=layers,
         zero_shot=False,
+        compat="official",  # what it was trained with (spec §10.1: "use tile ... to load official checkpoints")
         provenance={"imported_from": "official TS2-Net checkpoint"},
     )
     return config, converted

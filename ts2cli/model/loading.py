@@ -206,6 +206,17 @@ class LoadedModel:
     def encode_videos(self, videos: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return self.encode_pixels(*self.video_batch(videos))
 
+    def encode_frames(self, videos: list[np.ndarray]) -> list[np.ndarray]:
+        """Per video, (n, D) float32 features of its n real frames in time order: what a library stores, a row
+        for each sampled frame and its time.
+
+        Not the model's own mask: in official mode that is the tiled one (spec §10.1, quirk 1), which for a video
+        of fewer than T frames counts padding slots and drops real frames; ``ts2 eval`` keeps it to reproduce the
+        reference's scores, a library keeps what each real frame shows."""
+        pixels, mask = self.video_batch(videos)
+        features, _ = self.encode_pixels(pixels, mask)
+        return [video[real] for video, real in zip(features, mask.bool().numpy(), strict=True)]
+
     def choose_precision(self, pixels: torch.Tensor, mask: torch.Tensor) -> None:
         """Settle the precision on a real batch: on the CPU, bf16 weights if they pass ``cpu_reduced_net``'s check
         (CUDA's fp16 is set at load)."""
