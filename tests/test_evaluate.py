@@ -15,7 +15,15 @@ from tiny_models import tiny_config, tiny_net
 
 from ts2cli.datasets import load_caption_csv, load_msrvtt_test
 from ts2cli.errors import Ts2Error
-from ts2cli.evaluate import EvalOptions, FeatureCache, check_msrvtt_dir, evaluate, retrieval_report
+from ts2cli.evaluate import (
+    EvalOptions,
+    FeatureCache,
+    check_msrvtt_dir,
+    encode_videos,
+    evaluate,
+    frame_sampler,
+    retrieval_report,
+)
 from ts2cli.model import ModelOptions, load_model, save_checkpoint
 from ts2cli.model.preprocess import frames_to_tensor
 from ts2cli.official_sampling import resize_and_crop, sample_official, second_starts, thin_out
@@ -154,7 +162,7 @@ def test_msrvtt_eval_and_feature_cache(msrvtt_dir, tiny_checkpoint, tmp_path):
     with pytest.raises(Ts2Error, match=r"Cannot use .*a-file as the feature cache"):
         evaluate(loaded, data, EvalOptions(batch_size=3, cache_dir=not_a_folder))
     entries = tmp_path / "full-cache"
-    cache = FeatureCache(entries, loaded, first.sampling)
+    cache = FeatureCache(entries, loaded, first.sampling, 3)
     cache.directory.rmdir()
     cache.directory.write_text("")  # now nothing can be written there
     cache.save(data.videos[0], np.zeros((2, 4), np.float32), np.ones(2, bool))
@@ -190,6 +198,23 @@ def test_a_run_from_the_cache_gives_the_numbers_of_the_run_that_filled_it(tmp_pa
 
 def retrieval_report_equal(a: dict[str, float], b: dict[str, float]) -> bool:
     return a.keys() == b.keys() and all(a[k] == pytest.approx(b[k]) for k in a)
+
+
+def test_official_mode_features_do_not_depend_on_what_the_cache_held(msrvtt_dir, tiny_checkpoint, tmp_path):
+    """Official mode draws top-k noise at inference. A run that an interruption left half cached must give the
+    features of a run that was not interrupted."""
+    data = load_msrvtt_test(msrvtt_dir)
+    loaded = load_model(ModelOptions(checkpoint=tiny_checkpoint, device="cpu", compat="official", precision="float32"))
+    sampling, sampler = frame_sampler("official", loaded.config.frames, loaded.image_size)
+    cache = FeatureCache(tmp_path / "cache", loaded, sampling, 2)
+    whole = encode_videos(loaded, data.videos, sampler, cache=cache, batch_size=2)
+    cache._file(data.videos[3]).unlink()  # never written: the run stopped before it
+    resumed = encode_videos(loaded, data.videos, sampler, cache=cache, batch_size=2)
+    assert (resumed.cached, resumed.decoded) == (2, 2)  # its batch mate is computed again with it
+    np.testing.assert_array_equal(resumed.frames, whole.frames)
+    uncached = encode_videos(loaded, data.videos, sampler, batch_size=2)
+    np.testing.assert_array_equal(uncached.frames, whole.frames)
+    assert FeatureCache(tmp_path / "cache", loaded, sampling, 4).key != cache.key  # other batches, other noise
 
 
 def test_official_compat_uses_the_reference_sampler(msrvtt_dir, tiny_checkpoint):

@@ -7,7 +7,8 @@ the inverted softmax), and summarise ranks as R@K, MdR and MnR.
 
 Per-video features are cached on disk, keyed by the model, the sampling and the file (path, size, mtime), so a
 second run with other metric settings (``--dsl``, ``--ties``) decodes nothing. Under ``--compat official`` the
-token selection is stochastic (spec §10.1 quirk 5): the cache keeps the features of the run that computed them.
+token selection is stochastic (spec §10.1 quirk 5): its noise is seeded per fixed batch of videos, so features
+depend on the seed and the batch size (both in the cache key), not on which videos an earlier run cached.
 
 A video that cannot be decoded is not fatal: it is reported, and its column scores NaN, which the metrics count
 as a miss for its captions (the reference would produce NaN through an all-zero mask, spec §10.1 quirk 6).
@@ -179,11 +180,13 @@ def default_cache_dir() -> Path:
 class FeatureCache:
     """Per-video per-frame features on disk, one ``.npz`` per (model, sampling, file version)."""
 
-    def __init__(self, directory: Path, loaded: LoadedModel, sampling: str) -> None:
+    def __init__(self, directory: Path, loaded: LoadedModel, sampling: str, batch_size: int) -> None:
         source = loaded.identity.get(MODEL_SOURCE_KEY, {})
         # Paths in the source move; the weights' fingerprints and the backbone config say what the model is.
         model = {k: v for k, v in loaded.identity.items() if k != MODEL_SOURCE_KEY}
         key = {"model": model, "backbone_cfg": source.get("backbone_cfg"), "sampling": sampling}
+        if loaded.draws_noise:  # its features depend on the noise of their batch (see encode_videos)
+            key["noise"] = {"seed": loaded.config.seed, "batch_size": batch_size}
         # Features from a GPU (fp16) and a CPU (fp32 or bf16) differ slightly, and so do runs pinned to float32
         # and "auto" ones: keep them apart.
         key["device"] = loaded.device.type
@@ -253,7 +256,13 @@ def encode_videos(
     workers: int | None = None,
     progress: EvalProgress | None = None,
 ) -> VideoFeatures:
-    """Per-frame features of every video, from the cache where possible, else decoded and encoded in batches."""
+    """Per-frame features of every video, from the cache where possible, else decoded and encoded in batches.
+
+    A model that draws top-k noise (official mode) runs fixed batches, videos ``k·batch_size`` onwards, each
+    with noise seeded by its number, and one video of a batch missing from the cache recomputes the whole batch:
+    a video's features then depend only on the data, the seed and the batch size, not on what an interrupted
+    run left in the cache.
+    """
     progress = progress or EvalProgress()
     count, frames = len(videos), loaded.config.frames
     result = VideoFeatures(
@@ -261,21 +270,34 @@ def encode_videos(
         mask=np.zeros((count, frames), dtype=bool),
     )
     progress.start("encoding videos", count)
-    todo = []
+    hits = {}
     for index, video in enumerate(videos):
         hit = cache.load(video) if cache is not None else None
         if hit is not None and hit[0].shape == result.frames.shape[1:]:
-            result.frames[index], result.mask[index] = hit
-            result.cached += 1
-            progress.advance()
-        else:
-            todo.append(index)
+            hits[index] = hit
+    noisy = loaded.draws_noise
+    if noisy:
+        missed = {index // batch_size for index in range(count) if index not in hits}
+        hits = {index: hit for index, hit in hits.items() if index // batch_size not in missed}
+    for index, (video_frames, video_mask) in hits.items():
+        result.frames[index], result.mask[index] = video_frames, video_mask
+    result.cached = len(hits)
+    progress.advance(len(hits))
+    todo = [index for index in range(count) if index not in hits]
 
     def decode(index: int) -> np.ndarray:
         return sampler(videos[index])
 
+    def encode(batch: list[tuple[int, np.ndarray]]) -> None:
+        if noisy:
+            loaded.net.selector.reseed(batch_seed(loaded.config.seed, batch[0][0] // batch_size))
+        _encode_batch(loaded, batch, videos, result, cache, progress)
+
     batch: list[tuple[int, np.ndarray]] = []
     for index, outcome in decode_ahead(todo, decode, workers or default_workers(), 2 * batch_size):
+        if noisy and batch and index // batch_size != batch[0][0] // batch_size:
+            encode(batch)  # a fixed batch short of the videos that failed to decode
+            batch = []
         if isinstance(outcome, str):
             result.failed[index] = outcome
             progress.failed(str(videos[index]), outcome)
@@ -283,11 +305,16 @@ def encode_videos(
             continue
         batch.append((index, outcome))
         if len(batch) == batch_size:
-            _encode_batch(loaded, batch, videos, result, cache, progress)
+            encode(batch)
             batch = []
     if batch:
-        _encode_batch(loaded, batch, videos, result, cache, progress)
+        encode(batch)
     return result
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The top-k noise seed of fixed batch number ``batch`` of an evaluation run with ``seed``."""
+    return (seed << 32) + batch
 
 
 def _encode_batch(
@@ -408,9 +435,7 @@ def evaluate(
     sampling, default_sampler = frame_sampler(config.compat, config.frames, loaded.image_size)
     cache = None
     if options.cache_dir is not None and sampler is None:
-        cache = FeatureCache(options.cache_dir, loaded, sampling)
-    if loaded.net.selector is not None:
-        loaded.net.selector.reseed(config.seed)  # the official mode's stochastic top-k repeats run to run
+        cache = FeatureCache(options.cache_dir, loaded, sampling, options.batch_size)
     # The captions and the logit scale before any video: on a CPU, --precision auto settles on bf16 or fp32 with the
     # first video batch, and a run whose videos all come from the cache has none, so text encoded afterwards would
     # depend on the cache (a second run would not give the first one's numbers).

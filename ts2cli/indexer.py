@@ -409,7 +409,7 @@ def _embed_all(
     progress: Progress,
 ) -> None:
     plan = thread_plan(model.device, options.workers, options.torch_threads, options.model_workers)
-    if _draws_noise(model):
+    if model.draws_noise:  # one batch at a time, in order, for reproducible features
         plan = replace(plan, model_workers=1)
     batch_size = options.batch_size or default_batch_size(model.device)
     stats = summary.pipeline
@@ -449,12 +449,6 @@ def _embed_all(
         stats.dtype = model.dtype_name if model.precision_known else None
         stats.wall_seconds = time.perf_counter() - started
         stats.cpu_seconds = time.process_time() - cpu_started
-
-
-def _draws_noise(model: LoadedModel) -> bool:
-    """Official-mode TS2-Net selects tokens with seeded noise drawn batch after batch: batches must then run
-    one at a time, in order, for the features to be reproducible."""
-    return not model.config.zero_shot and model.config.compat == "official"
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,12 @@ class LoadedModel:
         return self.config.words
 
     @property
+    def draws_noise(self) -> bool:
+        """Official-mode TS2-Net selects tokens with seeded noise at inference (spec §10.1, quirk 5): a video's
+        features then depend on the noise drawn before it, so batches must run in a fixed order."""
+        return not self.config.zero_shot and self.config.compat == "official"
+
+    @property
     def dtype_name(self) -> str:
         """What the model computes in, as the ``--json`` documents say it: float32, bfloat16 or float16."""
         return str(self.dtype or torch.float32).removeprefix("torch.")
