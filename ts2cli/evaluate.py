@@ -270,7 +270,7 @@ def encode_videos(
         mask=np.zeros((count, frames), dtype=bool),
     )
     progress.start("encoding videos", count)
-    hits = {}
+    hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for index, video in enumerate(videos):
         hit = cache.load(video) if cache is not None else None
         if hit is not None and hit[0].shape == result.frames.shape[1:]:
