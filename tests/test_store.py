@@ -406,6 +406,52 @@ def test_saved_ann_is_loaded_not_rebuilt(libdir: Path, rng: np.random.Generator)
         assert lib.last_ann_load == "disk"
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB file system of its own (tmpfs), to run out of room on for real; root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    place = tmp_path / "small"
+    place.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(place)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield place
+    subprocess.run(["umount", "-l", str(place)], check=True)
+
+
+def test_a_full_disk_keeps_the_last_whole_search_index(small_disk: Path, rng: np.random.Generator) -> None:
+    """hnswlib's save does not report a failed write: a cut-off file must not replace the good one."""
+    libdir = small_disk / "lib"
+    wide = np.random.default_rng(0).standard_normal((202, 512)).astype(np.float32)
+
+    def put(lib: Library, i: int) -> None:
+        lib.put_video(
+            f"/v/{i}.mp4", size=1, mtime=1, fingerprint=f"{i}", duration=1, width=1, height=1,
+            frame_times=[0], frames=wide[i : i + 1], global_vector=wide[i],
+        )  # fmt: skip
+
+    with Library.open(libdir, write=True, create=True) as lib:
+        for i in range(200):
+            put(lib, i)
+    saved = (libdir / ANN_FILE).stat().st_size
+    room = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as out:  # leave half of what another copy of the index needs
+        os.posix_fallocate(out.fileno(), 0, room.f_bavail * room.f_frsize - saved // 2)
+    full = r"Could not save the search index .*disk full.*videos are kept"
+    with pytest.raises(LibraryError, match=full), Library.open(libdir, write=True) as lib:
+        put(lib, 200)
+    assert (libdir / ANN_FILE).stat().st_size == saved and not list(libdir.glob(".*.tmp"))
+    # the error that stopped the run is told, not the failed save after it
+    with pytest.raises(KeyboardInterrupt), Library.open(libdir, write=True) as lib:
+        put(lib, 201)
+        raise KeyboardInterrupt
+    filler.unlink()
+    with Library.open(libdir) as lib:
+        assert lib.stats().videos_ok == 202
+        assert lib.ann() is not None and lib.last_ann_load == "rebuilt"  # the old index was stale, not broken
+
+
 def test_stale_ann_is_rebuilt(
     libdir: Path, rng: np.random.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
@@ -231,8 +232,13 @@ class Library:
     def __enter__(self) -> Library:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Closing after an error (a full disk, say) can fail the same way: the first error is the one to tell.
+        with contextlib.suppress(OSError, sqlite3.Error, LibraryError):
+            self.close()
 
     # ------------------------------------------------------------------ schema
 
@@ -716,7 +722,13 @@ class Library:
             self._load_ann()  # rebuilds, and saves
             return
         if self._ann_dirty or self._files_generation() != self._ann_gen:
-            self._write_ann_files(self._ann, self._ann_gen, self._ann_count)
+            try:
+                self._write_ann_files(self._ann, self._ann_gen, self._ann_count)
+            except OSError as error:
+                raise LibraryError(
+                    f"Could not save the search index in {self.directory}: {error.strerror or one_line(error)}. "
+                    "The videos are kept in the library; the index is rebuilt from them when there is room."
+                ) from error
 
     def _ensure_ann_for_write(self) -> None:
         # Called before a write that touches vectors, so that the index is loaded from the committed
@@ -848,6 +860,9 @@ class Library:
                 tmp = directory / f".{ANN_FILE}.{os.getpid()}.tmp"
                 index.save_index(str(tmp))
                 _fsync_file(tmp)
+                if not _reads_back(tmp, index):
+                    tmp.unlink(missing_ok=True)
+                    raise OSError(errno.ENOSPC, "the search index file came out incomplete (is the disk full?)")
                 os.replace(tmp, target)
                 index_bytes = target.stat().st_size
             sidecar = {
@@ -1298,6 +1313,17 @@ def write_text_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _reads_back(path: Path, index: hnswlib.Index) -> bool:
+    """Whether a saved index file loads whole. hnswlib's save does not report write errors: on a full disk it
+    leaves a cut-off file and returns, and replacing the good file with it would break every later load."""
+    check = hnswlib.Index(space=ANN_SPACE, dim=index.dim)
+    try:
+        check.load_index(str(path))
+    except RuntimeError:
+        return False
+    return check.get_current_count() == index.get_current_count()
 
 
 def _remove_stale_temp_files(directory: Path) -> None:
