@@ -521,6 +521,25 @@ class StopAfterPlanning(Progress):
         raise KeyboardInterrupt  # Ctrl-C once the scan is done, before anything is embedded or swept
 
 
+class RenameAfterPlanning(Progress):
+    def __init__(self, folder: Path, new_name: Path) -> None:
+        self.folder, self.new_name = folder, new_name
+
+    def planned(self, total: int) -> None:
+        self.folder.rename(self.new_name)  # the user renames the folder while the run decodes
+
+
+def test_files_that_vanish_during_a_run_are_not_recorded_as_failures(tmp_path, make_video, library, model):
+    make_video("v/a.mp4", seconds=1)
+    make_video("v/b.mp4", seconds=1, seed=1)
+    summary = index_folders(
+        library, model, IndexOptions(roots=[tmp_path / "v"]), RenameAfterPlanning(tmp_path / "v", tmp_path / "w")
+    )
+    assert (summary.indexed, summary.failed) == (0, [])
+    assert library.stats().videos_ok == 0 and not library.stats().failures
+    assert index(library, model, tmp_path / "w").indexed == 2
+
+
 def test_sweeping_what_links_led_to_spares_what_other_roots_cover(tmp_path, make_video, library, model):
     names = ("ext/sub/a.mp4", "ext/b.mp4", "r1/c.mp4", "r2/d.mp4", "single/e.mp4", "nested/A/f.mp4", "nested/B/g.mp4")
     for seed, name in enumerate(names):

@@ -346,6 +346,8 @@ def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summar
             continue
         try:
             stat = path.stat()
+        except FileNotFoundError:
+            continue  # deleted since the scan found it: unseen, so its row (if any) is swept
         except OSError as error:
             _record_failure(library, summary, path, 0, 0.0, None, f"cannot read file: {error.strerror}")
             continue
@@ -360,6 +362,8 @@ def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summar
             continue
         try:
             digest = fingerprint(path)
+        except FileNotFoundError:
+            continue
         except OSError as error:
             _record_failure(library, summary, path, stat.st_size, stat.st_mtime, None, _os_reason(error))
             continue
@@ -423,7 +427,9 @@ def _embed_all(
     try:
         with _torch_threads(plan.torch_threads), _ModelRunner(model, plan.model_workers, stats) as runner:
             for work, result in sample_ahead(todo, model, plan.workers, window, stats):
-                if isinstance(result, str):
+                if isinstance(result, str) and not work.path.exists():
+                    progress.done(work.path, "gone")  # since the scan (deleted, its folder renamed): swept as such
+                elif isinstance(result, str):
                     _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
                     progress.done(work.path, "failed")
                 else:
