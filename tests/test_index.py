@@ -380,6 +380,30 @@ def test_reindexing_unchanged_folders_does_not_import_torch(tmp_path, tiny_files
         assert {**json.loads(summary), "torch": imported == "True"}.items() >= expected.items()
 
 
+def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, make_video):
+    make_video("videos/kept/a.mp4", seconds=1)
+    make_video("videos/gone/b.mp4", seconds=2, fps=6)
+    make_video("videos/gone/deeper/c.mp4", seconds=2, fps=7)
+    library = tmp_path / "lib"
+    for folder in ("kept", "gone"):
+        assert subprocess.run(ts2_index(tmp_path / "videos" / folder, library, tiny_files)).returncode == 0
+    shutil.rmtree(tmp_path / "videos" / "gone")
+
+    again = subprocess.run(ts2_index(tmp_path / "videos" / "gone", library, tiny_files), capture_output=True, text=True)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert "still holds 2 videos from there: `ts2 forget" in " ".join(again.stderr.split())
+    forget = [sys.executable, "-m", "ts2cli", "forget", str(tmp_path / "videos" / "gone"), "--library", str(library)]
+    forgotten = subprocess.run([*forget, "--json"], capture_output=True, text=True)
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert json.loads(forgotten.stdout)["removed"] == 2
+    with Library.open(library) as lib:
+        assert lib.stats().videos_ok == 1 and len(lib.global_vectors()[0]) == 1
+        assert lib.get_by_path(str((tmp_path / "videos" / "kept" / "a.mp4").resolve())) is not None
+        assert str((tmp_path / "videos" / "gone").resolve()) not in lib._links()
+    nothing = subprocess.run(forget, capture_output=True, text=True)
+    assert nothing.returncode == 0 and "holds no video under" in nothing.stderr
+
+
 def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_videos):
     """While one writer holds the library (here: this test, through the same lock ts2 index takes), another
     `ts2 index` exits with a clear message, or with --wait waits for it and then runs."""

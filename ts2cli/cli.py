@@ -160,7 +160,10 @@ def index_command(
     from .scan import check_roots
     from .store import Library
 
-    roots = check_roots(folders)
+    try:
+        roots = check_roots(folders)
+    except Ts2Error as error:
+        raise Ts2Error(f"{error}{gone_root_hint(library, folders)}") from None
     options = IndexOptions(
         roots=roots,
         exclude=tuple(exclude),
@@ -198,6 +201,52 @@ def index_command(
         output.print(summary_table(summary, lib.directory))
     if summary.indexed == 0 and summary.failed and summary.unchanged == 0 and summary.moved == 0:
         raise typer.Exit(1)
+
+
+def gone_root_hint(library: str | None, folders: list[str]) -> str:
+    """What to do about a folder to index that is gone but still has videos in the library."""
+    from .errors import LibraryError
+    from .indexer import stored_form
+    from .store import Library
+
+    gone = [folder for folder in folders if folder and not Path(folder).expanduser().exists()]
+    try:
+        with Library.open(library) as lib:
+            counts = {folder: lib.count_under(stored_form(folder)) for folder in gone}
+    except LibraryError:
+        return ""
+    held = [folder for folder, count in counts.items() if count]
+    if not held:
+        return ""
+    total = sum(counts.values())
+    return (
+        f"; the library still holds {total} video{'' if total == 1 else 's'} from there: "
+        f"`ts2 forget {' '.join(held)}` removes them"
+    )
+
+
+@app.command("forget")
+def forget_command(
+    paths: Annotated[
+        list[str], typer.Argument(metavar="PATHS", help="Folders or files whose videos to remove, present or gone.")
+    ],
+    library: LibraryDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Remove the videos under PATHS from the library (a deleted or renamed folder, say); no file is touched."""
+    from .indexer import forget
+    from .store import Library
+
+    if not all(paths):
+        raise typer.BadParameter("an empty name is not a path; name a folder or a file.", param_hint="PATHS")
+    with Library.open(library, write=True) as lib:
+        removed = forget(lib, paths)
+    if as_json:
+        print_json({"removed": len(removed), "paths": removed})
+        return
+    if not removed:
+        console.print(f"[yellow]note:[/yellow] The library holds no video under {escape(', '.join(paths))}.")
+    output.print(f"Removed {len(removed)} video{'' if len(removed) == 1 else 's'} from the library.")
 
 
 @app.command("status")

@@ -320,6 +320,24 @@ def index_folders(
     return summary
 
 
+def forget(library: Library, places: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Remove the videos (and failed files) at or under ``places`` from the library, whether or not they still
+    exist (a deleted folder cannot be indexed again to sweep it); the files are not touched. Returns the paths
+    removed, sorted."""
+    where = [stored_form(place) for place in places]
+    library.begin_scan(where)  # every row under them unseen, then swept
+    removed = library.sweep_unseen(where)
+    library.forget_links_of(where)
+    library.commit()
+    library.save_ann()
+    return removed
+
+
+def stored_form(place: str | os.PathLike[str]) -> Path:
+    """A path as the library stores it (absolute, symlinks resolved), also for a path that is gone."""
+    return Path(place).expanduser().resolve()
+
+
 def _adopt_model(library: Library, source: ModelOnDemand, rebuild: bool, progress: Progress) -> None:
     """Load the model, check it against the library's record (a new library adopts it), write its text encoder
     copy, and remember what it was loaded from."""

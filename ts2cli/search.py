@@ -298,7 +298,10 @@ def gone_note(hits: list[Hit]) -> str | None:
     if not gone:
         return None
     which = f"{gone[0]} is" if len(gone) == 1 else f"{len(gone)} of these videos are"
-    return f"{which} no longer there (moved or deleted); run `ts2 index` on the folder to update the library."
+    return (
+        f"{which} no longer there (moved or deleted); run `ts2 index` on the folder to update the library "
+        "(`ts2 forget FOLDER` if the folder itself is gone)."
+    )
 
 
 def require_searchable(library: Library) -> None:

@@ -420,6 +420,19 @@ class Library:
             return {}  # nothing outside the roots is swept until each root's next scan records its links again
         return links if isinstance(links, dict) else {}
 
+    def count_under(self, place: str | os.PathLike[str]) -> int:
+        """How many rows (videos and failed files) lie at or under ``place``."""
+        where, args = _under_root(place)
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {where}", args).fetchone()[0])
+
+    def forget_links_of(self, roots: Sequence[str | os.PathLike[str]]) -> None:
+        """Stop answering for what the symlinks under ``roots`` led to (see ``remember_links``)."""
+        links = self._links()
+        for root in roots:
+            links.pop(os.fspath(root), None)
+        with self._write_step():
+            self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
+
     def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Mark every video under ``roots`` unseen; the scan then marks what it finds (mark_seen/put_*)."""
         with self._write_step():
