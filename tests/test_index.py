@@ -404,6 +404,24 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
     assert nothing.returncode == 0 and "holds no video under" in nothing.stderr
 
 
+def test_a_damaged_database_is_one_line(tmp_path, tiny_files, make_video):
+    for i in range(3):
+        make_video(f"v/{i}.mp4", seconds=1 + i, fps=5 + i)
+    library = tmp_path / "lib"
+    assert subprocess.run(ts2_index(tmp_path / "v", library, tiny_files)).returncode == 0
+    database = library / "library.sqlite3"
+    size = database.stat().st_size
+    with open(database, "r+b") as damaged:  # the first pages (schema, meta) stay whole: found mid-command
+        damaged.seek(size // 2)
+        damaged.write(np.random.default_rng(0).bytes(size - size // 2))
+    for command in (["search", "a dog"], ["status"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "ts2cli", *command, "--library", str(library)], capture_output=True, text=True
+        )
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert "may be damaged" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
 def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_videos):
     """While one writer holds the library (here: this test, through the same lock ts2 index takes), another
     `ts2 index` exits with a clear message, or with --wait waits for it and then runs."""

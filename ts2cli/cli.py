@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -366,6 +367,15 @@ def main() -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _interrupted()
+    except sqlite3.DatabaseError as error:  # found mid-command: opening a library checks only what it reads
+        if _state["debug"]:
+            raise
+        console.print(
+            f"[red]error:[/red] The library's database cannot be read ({escape(str(error))}); it may be damaged: "
+            "index into a new --library, or restore the folder from a backup.",
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 def _caused_by_interrupt(error: BaseException) -> bool:
