@@ -185,11 +185,16 @@ def test_writing_the_copy_removes_an_older_ts2s_copy(indexed):
     root, options = indexed
     old = root / "lib" / "text-encoder.safetensors"
     old.write_bytes(b"numpy-era copy")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = root / "lib" / f".{text_encoder.FILE_NAME}.{dead.stdout.strip()}.tmp"  # a run killed while writing
+    killed.write_bytes(b"half a copy")
+    running = root / "lib" / f".{text_encoder.FILE_NAME}.{os.getppid()}.tmp"  # another process, still writing
+    running.write_bytes(b"a copy on its way")
     (root / "lib" / text_encoder.FILE_NAME).unlink()
     with Library.open(root / "lib", write=True) as lib:
         assert text_encoder.save_text_encoder(lib, load_model(options, text_only=True))
         assert text_encoder.is_current(lib)
-    assert not old.exists()
+    assert not old.exists() and not killed.exists() and running.exists()
 
 
 SEARCH_AND_REPORT = """

@@ -200,11 +200,32 @@ def save_text_encoder(library: Library, loaded: Any) -> bool:
         for old in OLD_FILE_NAMES:
             with contextlib.suppress(OSError):
                 (library.directory / old).unlink()
+        _remove_left_behind(path)
     except (OSError, ValueError):
         return False  # a read-only or full disk: searches still work, through torch
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink()
+    return True
+
+
+def _remove_left_behind(path: Path) -> None:
+    """Half-written copies (up to 127 MB each) of processes killed while they wrote one; a living process's
+    copy is its own to finish."""
+    for partial in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = partial.name.removeprefix(f".{path.name}.").removesuffix(".tmp")
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
     return True
 
 
