@@ -272,10 +272,9 @@ def model_request(model: str, pretrained: str | None, checkpoint: Path | None, c
     content digest (a checkpoint retrained in place is another request), tags such as ``openai`` as given."""
 
     def local(name: str | Path | None) -> dict[str, str] | None:
-        path = Path(name).expanduser() if name else None
-        if path is None or not path.is_file():
+        if not name or not Path(name).expanduser().is_file():
             return None
-        return {"path": str(path.resolve()), "sha256": file_digest(path)}
+        return {"path": str(stored_form(name)), "sha256": file_digest(name)}
 
     return {
         "model": local(model) if model.endswith(".json") else model,
