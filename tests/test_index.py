@@ -330,7 +330,7 @@ def many_videos(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, many_videos, how):
     library = tmp_path / "lib"
     command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
@@ -343,8 +343,8 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
         process.kill()
     done_before = count_ok(library)
     assert 1 <= done_before < 24, "the run was not interrupted mid-way"
-    if how == signal.SIGINT:
-        assert process.returncode == 130 and "Traceback" not in stderr
+    if how != signal.SIGKILL:  # stopped tidily, saying so, with the shell's code for the signal
+        assert process.returncode == 128 + how and "Traceback" not in stderr
         assert "Interrupted; the videos indexed so far are kept" in stderr
 
     resumed = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
@@ -360,6 +360,61 @@ def test_interrupted_index_resumes_without_redoing_work(tmp_path, tiny_files, ma
         assert stats.videos_ok == 24 and not stats.failures
         ids, vectors = lib.global_vectors()
         assert len(set(ids.tolist())) == 24 == len(vectors)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_library_stays_whole(tmp_path, tiny_files, many_videos):
+    library = tmp_path / "lib"
+    command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: count_ok(library) >= 1 or process.poll() is not None)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # before the first one's tidy-up can have ended
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    # 130, or killed by the second SIGINT once the command was over (the shell shows 130 too); never an abort
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
+    assert "Stopped at once" in stderr or "Interrupted;" in stderr
+    resumed = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["indexed"] + summary["unchanged"] == 24 and summary["indexed"] < 24
+    with Library.open(library) as lib:
+        assert lib.stats().videos_ok == 24 and len(lib.global_vectors()[0]) == 24
+
+
+SLOW_TIDY_UP = """
+import sys, time
+from ts2cli import cli
+
+@cli.app.command("work")
+def work() -> None:
+    try:
+        print("working", flush=True)
+        time.sleep(60)
+    finally:
+        print("tidying up", flush=True)
+        time.sleep(60)
+
+sys.argv = ["ts2", "work"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_cuts_a_slow_tidy_up_short(first):
+    process = subprocess.Popen([sys.executable, "-c", SLOW_TIDY_UP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline() == "working\n"
+        process.send_signal(first)
+        assert process.stdout.readline() == "tidying up\n"  # the first signal lets the command tidy up
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Stopped at once" in stderr and "Traceback" not in stderr, stderr
 
 
 INDEX_AND_REPORT = """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -41,8 +43,12 @@ console = Console(stderr=True, highlight=False)
 # The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
 # or redirected, rows are not folded to a terminal's width (rich's default 80, or an exported COLUMNS).
 output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDED_WIDTH)
-_state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted."}
-"""``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train)."""
+_state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted.", "stopped_by": 0}
+"""``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train);
+``stopped_by``: the signal that is stopping the command, 0 while none is."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, ``kill`` (or a service manager) and a closed terminal: each stops a command the same tidy way."""
+_signals_before: dict[int, Any] = {}
 
 # str, not Path: typer would turn "" (an unset variable in a script) into Path("."), the current folder
 LibraryDir = Annotated[
@@ -352,9 +358,13 @@ app.add_typer(train_app, name="train")
 
 
 def main() -> None:
+    _stop_tidily_on_signals()
     try:
         app()
     except SystemExit as done:
+        # The command is over: a signal during the interpreter's teardown (about a second once torch is imported)
+        # ends it as the signal would, not with a traceback from whatever atexit function it lands in.
+        _restore_signals()
         if done.code not in (None, 0) and _caused_by_interrupt(done):
             _interrupted()
         if _state["fast_exit"] and done.code in (None, 0):
@@ -367,6 +377,10 @@ def main() -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _interrupted()
+    except OSError as error:
+        if _caused_by_interrupt(error):  # writing "Aborted!" to a terminal that SIGHUP says is gone
+            _interrupted()
+        raise
     except sqlite3.DatabaseError as error:  # found mid-command: opening a library checks only what it reads
         if _state["debug"]:
             raise
@@ -397,10 +411,50 @@ def on_interrupt(message: str | Callable[[], str]) -> None:
     _state["interrupted"] = message
 
 
+def _stop_tidily_on_signals() -> None:
+    """Turn the first stop signal into KeyboardInterrupt, so that SIGTERM and SIGHUP, like Ctrl-C, let an index run
+    commit what it stored (without this they end the process on the spot, like ``kill -9``). A signal the caller
+    set to be ignored (``nohup``, a background job of a script) stays ignored."""
+    _state["stopped_by"] = 0
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in STOP_SIGNALS:
+        handler = signal.getsignal(number)
+        if handler is not signal.SIG_IGN:
+            _signals_before[number] = handler
+            signal.signal(number, _on_stop_signal)
+
+
+def _restore_signals() -> None:
+    while _signals_before:
+        number, handler = _signals_before.popitem()
+        signal.signal(number, handler)
+
+
+def _on_stop_signal(number: int, frame: object) -> None:
+    if _state["stopped_by"]:
+        # A second signal while the command tidies up: stop at once. Raising again would cut the tidy-up short
+        # halfway (and, while a model thread is mid-batch, interpreter shutdown can abort the process); ending
+        # here is what SIGKILL does, which SQLite's journal and the write-then-rename of every other file survive.
+        _say("Stopped at once; what was already saved is intact: run the command again to go on.")
+        os._exit(128 + number)
+    _state["stopped_by"] = number
+    raise KeyboardInterrupt
+
+
 def _interrupted() -> NoReturn:
     message = _state["interrupted"]
-    console.print(message() if callable(message) else message)
-    sys.exit(130)
+    _say(message() if callable(message) else message)
+    sys.exit(128 + (_state["stopped_by"] or signal.SIGINT))
+
+
+def _say(message: str) -> None:
+    """Say a last word on stderr, which a closed terminal (SIGHUP) may have taken away."""
+    try:
+        console.print(message)
+        sys.stderr.flush()
+    except OSError:
+        pass
 
 
 def _exit_now() -> None:
