@@ -487,6 +487,12 @@ def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_video
         refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0
         assert "Another ts2 index is running" in refused.stderr and "Traceback" not in refused.stderr
+        stopped = subprocess.Popen([*command, "--wait", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)  # fmt: skip
+        assert "waiting up to 120 s" in stopped.stderr.readline()  # said before the wait, not after it
+        stopped.send_signal(signal.SIGINT)
+        assert stopped.wait(timeout=60) == 130
+        assert "Interrupted while waiting for the other ts2 index; nothing was changed." in stopped.stderr.read()
         waiting = subprocess.Popen([*command, "--wait", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(2.0)
         assert waiting.poll() is None, "the second run did not wait for the lock"

@@ -181,14 +181,20 @@ def index_command(
         retry_failed=retry_failed,
         commit_every=commit_every,
     )
-    on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
 
     def load() -> Any:
         from .model import load_model
 
         return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
 
-    with Library.open(library, write=True, create=True, wait=wait) as lib:
+    def waiting() -> None:
+        console.print(
+            f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
+        )
+        on_interrupt("Interrupted while waiting for the other ts2 index; nothing was changed.")
+
+    with Library.open(library, write=True, create=True, wait=wait, on_wait=waiting) as lib:
+        on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
         source = ModelOnDemand(load, model_request(model, pretrained, checkpoint, compat))
         if rebuild or not source.recorded_in(lib):
             # Loaded before the bar starts: a first use downloads the weights, and the download shows its own

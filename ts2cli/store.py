@@ -176,11 +176,12 @@ class Library:
         write: bool = False,
         create: bool = False,
         wait: float = 0.0,
+        on_wait: Callable[[], None] | None = None,
     ) -> Library:
         """Open the library in ``directory`` (default: :func:`default_library_dir`).
 
-        ``write`` takes the writer lock, waiting up to ``wait`` seconds for another writer to finish;
-        ``create`` makes the directory and database when missing.
+        ``write`` takes the writer lock, waiting up to ``wait`` seconds for another writer to finish (``on_wait`` is
+        called once if it has to); ``create`` makes the directory and database when missing.
         """
         if directory is not None and not os.fspath(directory):  # Path("") would be the current folder
             raise LibraryError("An empty name was given as the library folder (--library).")
@@ -195,7 +196,7 @@ class Library:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise LibraryError(f"Cannot create the library folder {directory}: {exc.strerror}.") from exc
-        lock_fd = _acquire_writer_lock(directory, wait) if write else None
+        lock_fd = _acquire_writer_lock(directory, wait, on_wait) if write else None
         conn = None
         try:
             conn = _connect(db_path, create=create, write=write)
@@ -1264,25 +1265,31 @@ def _ann_upsert(index: hnswlib.Index, vectors: dict[int, np.ndarray], live: int)
 # ---------------------------------------------------------------------- helpers: files and locks
 
 
-def _acquire_writer_lock(directory: Path, wait: float) -> int:
+def _acquire_writer_lock(directory: Path, wait: float, on_wait: Callable[[], None] | None = None) -> int:
     try:
         fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LibraryError(f"Cannot write to the library at {directory}: {exc.strerror}.") from exc
     deadline = time.monotonic() + max(0.0, wait)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                os.close(fd)
-                raise LibraryError(
-                    f"Another ts2 index is running on this library ({directory}); wait for it to finish "
-                    "or use another --library."
-                ) from None
-            time.sleep(min(0.1, remaining))
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LibraryError(
+                        f"Another ts2 index is running on this library ({directory}); wait for it to finish "
+                        "or use another --library."
+                    ) from None
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                time.sleep(min(0.1, remaining))
+    except BaseException:  # also Ctrl-C while waiting
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager
