@@ -233,7 +233,19 @@ def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, mo
     rebuilt = index(library, other, tmp_path / "v", rebuild=True)
     assert rebuilt.indexed == 1 and library.model_config()["frames"] == 8
     again = index(library, other, tmp_path / "v", rebuild=True)  # the same model: everything embedded again
-    assert (again.indexed, again.unchanged) == (1, 0)
+    assert (again.indexed, again.unchanged, again.removed) == (1, 0, 0)
+
+
+def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_video, library, model):
+    make_video("v/a.mp4", seconds=1)
+    make_video("v/gone.mp4", seconds=1, seed=1)
+    make_video("elsewhere/b.mp4", seconds=1, seed=2)
+    make_video("elsewhere/c.mp4", seconds=1, seed=3)
+    index(library, model, tmp_path / "v", tmp_path / "elsewhere")
+    (tmp_path / "v" / "gone.mp4").unlink()
+    rebuilt = index(library, model, tmp_path / "v", rebuild=True)
+    assert (rebuilt.indexed, rebuilt.removed) == (1, 3)  # a.mp4 again; gone.mp4 and elsewhere's two forgotten
+    assert library.paths() == {str((tmp_path / "v" / "a.mp4").resolve())}
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")

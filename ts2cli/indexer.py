@@ -292,6 +292,7 @@ def index_folders(
     progress = progress or Progress()
     roots = check_roots(options.roots)
     source = model if isinstance(model, ModelOnDemand) else ModelOnDemand(lambda: model)
+    held_before = library.paths() if options.rebuild else set()  # a rebuild forgets them all, other folders' too
     if options.rebuild or not source.recorded_in(library):
         _adopt_model(library, source, options.rebuild, progress)
     summary = IndexSummary()
@@ -311,7 +312,7 @@ def index_folders(
     if todo:
         _embed_all(library, source.get(), todo, options, summary, progress)
     removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
-    summary.removed = len(set(removed))
+    summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
     library.commit()
     library.save_ann()

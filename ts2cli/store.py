@@ -488,6 +488,10 @@ class Library:
         rows = self._conn.execute(f"SELECT id FROM videos WHERE status = 'ok' AND ({where}) ORDER BY id", args)
         return [row[0] for row in rows]
 
+    def paths(self) -> set[str]:
+        """Every stored path, of videos and failed files."""
+        return {row[0] for row in self._conn.execute("SELECT path FROM videos")}
+
     def count_ok(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM videos WHERE status = 'ok'").fetchone()[0]
 
