@@ -262,6 +262,7 @@ def test_cli_train_then_eval(shapes, tmp_path):
     ]
     tuned = runner.invoke(app, ["train", "captions", "--csv", str(csv), *again, *model[:6], "--json"])
     assert tuned.exit_code == 0, tuned.output
+    assert "--model and --pretrained are not used with --checkpoint" in tuned.stderr  # said, not silently dropped
     tuned_config, _ = read_checkpoint(json.loads(tuned.stdout)["checkpoint"])
     assert (tuned_config.compat, tuned_config.frames) == ("official", 4)
 

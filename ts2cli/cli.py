@@ -24,7 +24,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .cli_options import Checkpoint, Compat, Device, InferencePrecision, JsonFlag, ModelName, Pretrained
+from .cli_options import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    Checkpoint,
+    Compat,
+    Device,
+    InferencePrecision,
+    JsonFlag,
+    ModelName,
+    Pretrained,
+)
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
 
@@ -54,16 +64,26 @@ _signals_before: dict[int, Any] = {}
 LibraryDir = Annotated[
     str | None,
     typer.Option(
-        "--library", help="Library folder (default: $TS2_HOME, else the user data folder).", show_default=False
+        "--library",
+        metavar="DIR",
+        help="Library folder (default: $TS2_HOME, else the user data folder).",
+        show_default=False,
     ),
 ]
 
 
 def model_options(
-    model: str, pretrained: str, checkpoint: Path | None, device: str, compat: str | None, precision: str = "auto"
+    model: str | None,
+    pretrained: str | None,
+    checkpoint: Path | None,
+    device: str,
+    compat: str | None,
+    precision: str = "auto",
 ):
+    """The model the options name; ``model`` and ``pretrained`` are None when not given."""
     from .model import ModelOptions
 
+    model, pretrained = model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED
     backbone_cfg = None
     if model.endswith(".json"):
         from .model.backbone import read_model_config
@@ -79,6 +99,22 @@ def model_options(
         backbone_cfg=backbone_cfg,
         precision=precision,  # type: ignore[arg-type]
     )
+
+
+def unused_beside_checkpoint(
+    model: str | None, pretrained: str | None, checkpoint: Path | None
+) -> tuple[str | None, str | None]:
+    """``model`` and ``pretrained``, or None for both when a checkpoint is given, since it brings its own backbone
+    and CLIP weights; the user is told that the ones they named play no part."""
+    if checkpoint is None or not (model or pretrained):
+        return model, pretrained
+    given = [option for option, value in (("--model", model), ("--pretrained", pretrained)) if value]
+    console.print(
+        f"[yellow]note:[/yellow] {' and '.join(given)} {'is' if len(given) == 1 else 'are'} not used with "
+        "--checkpoint: a checkpoint brings its own backbone and CLIP weights.",
+        soft_wrap=True,
+    )
+    return None, None
 
 
 def print_json(data: Any) -> None:
@@ -114,8 +150,8 @@ def root(
 
 @app.command("model")
 def model_command(
-    model: ModelName = "ViT-B-32",
-    pretrained: Pretrained = "openai",
+    model: ModelName = None,
+    pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
@@ -126,6 +162,7 @@ def model_command(
     from .model import load_model
     from .report import describe_model, model_table
 
+    model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
     loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
     report = describe_model(loaded)
     if as_json:
@@ -152,8 +189,8 @@ def index_command(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another ts2 index to finish.")] = 0.0,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, hidden=True)] = 16,
-    model: ModelName = "ViT-B-32",
-    pretrained: Pretrained = "openai",
+    model: ModelName = None,
+    pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
@@ -167,6 +204,7 @@ def index_command(
     from .scan import check_roots
     from .store import Library
 
+    model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)  # now: it may never be loaded
     try:
         roots = check_roots(folders)
     except Ts2Error as error:
@@ -195,7 +233,8 @@ def index_command(
 
     with Library.open(library, write=True, create=True, wait=wait, on_wait=waiting) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
-        source = ModelOnDemand(load, model_request(model, pretrained, checkpoint, compat))
+        request = model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat)
+        source = ModelOnDemand(load, request)
         if rebuild or not source.recorded_in(lib):
             # Loaded before the bar starts: a first use downloads the weights, and the download shows its own
             # progress. Otherwise the model is loaded only if a video needs it.
@@ -294,10 +333,14 @@ def search_command(
     open_top: Annotated[bool, typer.Option("--open", help="Open the top result at its moment.")] = False,
     library: LibraryDir = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Default: the library's model.", rich_help_panel="Model")
+        str | None,
+        typer.Option(
+            "--model", metavar="NAME|CONFIG.json", help="Default: the library's model.", rich_help_panel="Model"
+        ),
     ] = None,
     pretrained: Annotated[
-        str | None, typer.Option("--pretrained", help="Default: the library's.", rich_help_panel="Model")
+        str | None,
+        typer.Option("--pretrained", metavar="TAG|FILE", help="Default: the library's.", rich_help_panel="Model"),
     ] = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
@@ -323,7 +366,8 @@ def search_command(
         if model or pretrained or checkpoint:
             from .query import search_model_options
 
-            named = model_options(model, "openai", None, device, "fixed") if model else None
+            model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
+            named = model_options(model, None, None, device, "fixed") if model else None
             chosen = search_model_options(lib, device, model=named, pretrained=pretrained, checkpoint=checkpoint)
         query_text, vector, exclude, notes, identity = _query_vector(lib, query, like, chosen, device)
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)

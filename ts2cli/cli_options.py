@@ -16,21 +16,33 @@ TrainPrecisionChoice = Literal["auto", "fp32", "fp16", "bf16"]
 TiesChoice = Literal["strict", "official"]
 HeadChoice = Literal["ts2", "meanpool"]
 
+DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
+# None when not given, so that a --checkpoint, which brings its own backbone and weights, can refuse them.
 ModelName = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--model",
-        help="open_clip model name (a CLIP ViT), or an open_clip JSON config file.",
+        metavar="NAME|CONFIG.json",
+        help=f"open_clip model name (a CLIP ViT), or an open_clip JSON config file (default: {DEFAULT_MODEL}).",
         rich_help_panel="Model",
+        show_default=False,
     ),
 ]
 Pretrained = Annotated[
-    str,
-    typer.Option("--pretrained", help="open_clip weights tag, or a local CLIP weights file.", rich_help_panel="Model"),
+    str | None,
+    typer.Option(
+        "--pretrained",
+        metavar="TAG|FILE",
+        help=f"open_clip weights tag, or a local CLIP weights file (default: {DEFAULT_PRETRAINED}).",
+        rich_help_panel="Model",
+        show_default=False,
+    ),
 ]
 Checkpoint = Annotated[
     Path | None,
-    typer.Option("--checkpoint", help="TS2-Net weights (ts2's own or official).", rich_help_panel="Model"),
+    typer.Option(
+        "--checkpoint", metavar="FILE", help="TS2-Net weights (ts2's own or official).", rich_help_panel="Model"
+    ),
 ]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")]
 Compat = Annotated[

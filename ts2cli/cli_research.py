@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
+    DEFAULT_PRETRAINED,
     Checkpoint,
     Compat,
     Device,
@@ -112,11 +113,13 @@ EvalCsv = Annotated[
 ]
 EvalVideos = Annotated[Path | None, typer.Option("--eval-videos", help="Folder of the --eval-csv videos.")]
 TrainPretrained = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--pretrained",
-        help="open_clip weights tag, a local CLIP weights file, or none (random weights).",
+        metavar="TAG|FILE|none",
+        help=f"open_clip weights tag, a local weights file, or none: random weights (default: {DEFAULT_PRETRAINED}).",
         rich_help_panel="Model",
+        show_default=False,
     ),
 ]
 
@@ -133,8 +136,8 @@ def eval_msrvtt(
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
     frames: Frames = None,
-    model: ModelName = "ViT-B-32",
-    pretrained: Pretrained = "openai",
+    model: ModelName = None,
+    pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
@@ -166,8 +169,8 @@ def eval_captions(
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
     frames: Frames = None,
-    model: ModelName = "ViT-B-32",
-    pretrained: Pretrained = "openai",
+    model: ModelName = None,
+    pretrained: Pretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
@@ -193,18 +196,19 @@ def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, ca
 
 
 def _model(
-    model: str,
-    pretrained: str,
+    model: str | None,
+    pretrained: str | None,
     checkpoint: Path | None,
     device: str,
     compat: str | None,
     frames: int | None,
     precision: str = "auto",
 ):
-    from .cli import model_options
+    from .cli import model_options, unused_beside_checkpoint
 
+    model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
     options = model_options(model, pretrained, checkpoint, device, compat, precision)
-    weights = None if pretrained.lower() == "none" else options.pretrained
+    weights = None if (pretrained or "").lower() == "none" else options.pretrained
     return dataclasses.replace(options, pretrained=weights, frames=frames)
 
 
@@ -281,8 +285,8 @@ def train_msrvtt(
     resume: Resume = False,
     workers: Workers = None,
     frames: Frames = None,
-    model: ModelName = "ViT-B-32",
-    pretrained: TrainPretrained = "openai",
+    model: ModelName = None,
+    pretrained: TrainPretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
@@ -325,8 +329,8 @@ def train_captions(
     resume: Resume = False,
     workers: Workers = None,
     frames: Frames = None,
-    model: ModelName = "ViT-B-32",
-    pretrained: TrainPretrained = "openai",
+    model: ModelName = None,
+    pretrained: TrainPretrained = None,
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
