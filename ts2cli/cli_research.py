@@ -26,6 +26,7 @@ from .cli_options import (
     TiesChoice,
     TrainPrecisionChoice,
 )
+from .datasets import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:
     from .datasets import CaptionSet
@@ -131,7 +132,7 @@ def eval_msrvtt(
     allow_missing: AllowMissing = False,
     dsl: Dsl = False,
     ties: Ties = "strict",
-    batch_size: EvalBatch = 16,
+    batch_size: EvalBatch = EVAL_BATCH_SIZE,
     workers: Workers = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,
@@ -164,7 +165,7 @@ def eval_captions(
     allow_missing: AllowMissing = False,
     dsl: Dsl = False,
     ties: Ties = "strict",
-    batch_size: EvalBatch = 16,
+    batch_size: EvalBatch = EVAL_BATCH_SIZE,
     workers: Workers = None,
     cache_dir: CacheDir = None,
     no_cache: NoCache = False,

@@ -29,6 +29,8 @@ MSRVTT_DATA_JSON = "MSRVTT_data.json"
 
 MSRVTT_VIDEO_DIRS = ("videos", "MSRVTT/videos/all", "compressed_videos", "")
 MSRVTT_VIDEO_EXTENSIONS = (".mp4", ".webm")
+EVAL_BATCH_SIZE = 8
+"""Videos per batch of the reference evaluation loader (spec §11.2); official-mode top-k noise is split by it."""
 
 # How many missing names an error message spells out before it only counts.
 _NAMES_SHOWN = 3

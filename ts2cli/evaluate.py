@@ -30,7 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import MSRVTT_DATA_JSON, MSRVTT_TEST_CSV, MSRVTT_TRAIN_CSV, MSRVTT_VIDEO_DIRS, CaptionSet
+from .datasets import (
+    EVAL_BATCH_SIZE,
+    MSRVTT_DATA_JSON,
+    MSRVTT_TEST_CSV,
+    MSRVTT_TRAIN_CSV,
+    MSRVTT_VIDEO_DIRS,
+    CaptionSet,
+)
 from .decode import decode_ahead, sample_frames
 from .errors import Ts2Error, one_line
 from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
@@ -56,7 +63,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EvalOptions:
-    batch_size: int = 16
+    batch_size: int = EVAL_BATCH_SIZE
     workers: int | None = None
     ties: TieMode = "strict"
     dsl: bool = False
@@ -252,7 +259,7 @@ def encode_videos(
     sampler: FrameSampler,
     *,
     cache: FeatureCache | None = None,
-    batch_size: int = 16,
+    batch_size: int = EVAL_BATCH_SIZE,
     workers: int | None = None,
     progress: EvalProgress | None = None,
 ) -> VideoFeatures:
