@@ -571,6 +571,19 @@ def test_second_writer_is_refused_then_admitted(libdir: Path) -> None:
         assert lib.write
 
 
+def test_deleting_the_lock_file_mid_run_does_not_let_a_second_writer_in(libdir: Path) -> None:
+    child = _run_child(_HOLD_LOCK, str(libdir))
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        (libdir / "lock").unlink()  # "cleaning up a stale lock file"
+        with pytest.raises(LibraryError, match="Another ts2 index"):
+            Library.open(libdir, write=True)
+    finally:
+        child.communicate("", timeout=10)
+    with Library.open(libdir, write=True) as lib:  # and the holder's end lets the next one in
+        assert lib.write
+
+
 def test_writer_waits_for_the_lock(libdir: Path) -> None:
     child = _run_child(_HOLD_LOCK, str(libdir))
     assert child.stdout is not None and child.stdout.readline().strip() == "locked"

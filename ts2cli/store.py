@@ -6,9 +6,9 @@ global vectors; it is only a cache, tagged with the SQLite *generation* it was b
 from SQLite whenever the tag does not match. A kill at any moment therefore costs at most a rebuild.
 The format is described for humans in ``docs/library-format.md``.
 
-Locking: one writer at a time (``flock`` on ``DIR/lock``, held for the writer's whole life); readers take no
-lock and rely on SQLite WAL snapshots. ``ann.lock`` is held only for the instant the two ANN files are read
-or replaced, so a reader never pairs an index file with another save's sidecar.
+Locking: one writer at a time (``flock`` on ``DIR/lock`` and on ``DIR``, held for the writer's whole life);
+readers take no lock and rely on SQLite WAL snapshots. ``ann.lock`` is held only for the instant the two ANN
+files are read or replaced, so a reader never pairs an index file with another save's sidecar.
 """
 
 from __future__ import annotations
@@ -150,11 +150,11 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 class Library:
     """An open library. Use :meth:`open`; close with :meth:`close` or a ``with`` block."""
 
-    def __init__(self, directory: Path, conn: sqlite3.Connection, *, write: bool, lock_fd: int | None) -> None:
+    def __init__(self, directory: Path, conn: sqlite3.Connection, *, write: bool, lock_fds: tuple[int, ...]) -> None:
         self.directory = directory
         self.write = write
         self._conn = conn
-        self._lock_fd = lock_fd
+        self._lock_fds = lock_fds
         self._closed = False
         # In-memory ANN state. It always mirrors the last *committed* generation; changes made in the open
         # transaction wait in _pending (id -> new unit vector, or None for "remove") until commit().
@@ -196,18 +196,17 @@ class Library:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise LibraryError(f"Cannot create the library folder {directory}: {exc.strerror}.") from exc
-        lock_fd = _acquire_writer_lock(directory, wait, on_wait) if write else None
+        lock_fds = _acquire_writer_lock(directory, wait, on_wait) if write else ()
         conn = None
         try:
             conn = _connect(db_path, create=create, write=write)
-            library = cls(directory, conn, write=write, lock_fd=lock_fd)
+            library = cls(directory, conn, write=write, lock_fds=lock_fds)
             library._prepare_schema(create=create)
             return library
         except BaseException:
             if conn is not None:
                 conn.close()
-            if lock_fd is not None:
-                os.close(lock_fd)
+            _close_all(lock_fds)
             raise
 
     def close(self) -> None:
@@ -226,9 +225,8 @@ class Library:
                     self.save_ann()
         finally:
             self._conn.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # closing the descriptor releases the flock
-                self._lock_fd = None
+            _close_all(self._lock_fds)
+            self._lock_fds = ()
 
     def __enter__(self) -> Library:
         return self
@@ -1269,31 +1267,47 @@ def _ann_upsert(index: hnswlib.Index, vectors: dict[int, np.ndarray], live: int)
 # ---------------------------------------------------------------------- helpers: files and locks
 
 
-def _acquire_writer_lock(directory: Path, wait: float, on_wait: Callable[[], None] | None = None) -> int:
+def _acquire_writer_lock(directory: Path, wait: float, on_wait: Callable[[], None] | None = None) -> tuple[int, ...]:
+    """Lock ``DIR/lock`` and the folder itself, the same way every time. The folder's lock is what keeps a second
+    writer out if someone deletes the lock file while a run holds it (the second run would lock a new file)."""
+    fds: list[int] = []
     try:
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fds.append(os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644))
+        fds.append(os.open(directory, os.O_RDONLY))
     except OSError as exc:
+        _close_all(fds)
         raise LibraryError(f"Cannot write to the library at {directory}: {exc.strerror}.") from exc
     deadline = time.monotonic() + max(0.0, wait)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
+        for fd in fds:
+            while not _try_flock(fd):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise LibraryError(
                         f"Another ts2 index is running on this library ({directory}); wait for it to finish "
                         "or use another --library."
-                    ) from None
+                    )
                 if on_wait is not None:
                     on_wait()
                     on_wait = None
                 time.sleep(min(0.1, remaining))
+        return tuple(fds)
     except BaseException:  # also Ctrl-C while waiting
-        os.close(fd)
+        _close_all(fds)
         raise
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)  # closing a descriptor releases its flock
 
 
 @contextlib.contextmanager
