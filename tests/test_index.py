@@ -224,6 +224,39 @@ def test_out_of_memory_is_recognised_from_torch_and_other_errors_pass():
         torch.zeros(3).view(2, 2)
 
 
+def test_copies_found_in_one_run_are_embedded_once(tmp_path, make_video, make_broken_files, library, model):
+    folder = tmp_path / "v"
+    make_video("v/a.mp4", seconds=2, fps=6)
+    shutil.copy2(folder / "a.mp4", folder / "a copy.mp4")
+    (folder / "backup").mkdir()
+    shutil.copy2(folder / "a.mp4", folder / "backup" / "a.mp4")
+    broken = make_broken_files()["truncated"]
+    shutil.copy2(broken, folder / "broken.mp4")
+    shutil.copy2(broken, folder / "broken copy.mp4")
+    summary = index(library, model, folder)
+    assert (summary.indexed, summary.moved, summary.pipeline.videos) == (1, 2, 2)  # a.mp4 and one broken file decoded
+    assert sorted(Path(path).name for path, _ in summary.failed) == ["broken copy.mp4", "broken.mp4"]
+    assert len({reason for _, reason in summary.failed}) == 1
+    ids = library.ids_under(folder)
+    frames = library.frame_features(ids)
+    assert len(ids) == 3 and all(np.array_equal(frames[ids[0]], frames[i]) for i in ids)
+    assert library.stats().videos_ok == 3 and len(library.global_vectors()[0]) == 3
+
+
+def test_a_copy_whose_original_vanished_mid_run_is_embedded_itself(tmp_path, make_video, library, model):
+    folder = tmp_path / "v"
+    make_video("v/1.mp4", seconds=1)
+    shutil.copy2(folder / "1.mp4", folder / "2.mp4")
+
+    class DeletesTheOriginal(Progress):  # after the plan (1.mp4 to embed, 2.mp4 its copy), before decoding
+        def planned(self, total: int) -> None:
+            (folder / "1.mp4").unlink()
+
+    summary = index_folders(library, model, IndexOptions(roots=[folder]), DeletesTheOriginal())
+    assert (summary.indexed, summary.moved, summary.failed) == (1, 0, [])
+    assert [Path(row.path).name for row in library.videos(library.ids_under(folder)).values()] == ["2.mp4"]
+
+
 def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
     index(library, model, tmp_path / "v")

@@ -302,7 +302,8 @@ def index_folders(
     progress.scanned(0)
     linked: dict[Path, set[Path]] = {}
     found = scan_videos(roots, options.exclude, options.include_hidden, linked)
-    todo = list(_plan(library, _counted(found, progress), options, summary))
+    copies: list[_Work] = []
+    todo = list(_plan(library, _counted(found, progress), options, summary, copies))
     library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
     library.commit()
     if todo and not source.loaded:
@@ -311,6 +312,8 @@ def index_folders(
     progress.planned(len(todo))
     if todo:
         _embed_all(library, source.get(), todo, options, summary, progress)
+    if orphans := _take_from_originals(library, copies, summary):
+        _embed_all(library, source.get(), orphans, options, summary, progress)
     removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
@@ -356,8 +359,12 @@ def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
         yield path
 
 
-def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary) -> Iterator[_Work]:
-    """Decide per file: unchanged (skip), moved or copied (reuse features), or to embed."""
+def _plan(
+    library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary, copies: list[_Work]
+) -> Iterator[_Work]:
+    """Decide per file: unchanged (skip), moved or copied (reuse features), or to embed. A file with the same
+    content as one already planned goes to ``copies``: it takes that one's features once they exist."""
+    planned: set[tuple[str, int]] = set()
     for path in files:
         if not storable_path(path):  # reported, not recorded: the library cannot hold its name
             summary.failed.append((printable_path(path), "the file name is not valid UTF-8 (rename it to index it)"))
@@ -389,28 +396,46 @@ def _plan(library: Library, files: Iterable[Path], options: IndexOptions, summar
             library.move(row.id, str(path), stat.st_mtime)  # touched, same content: keep features
             summary.unchanged += 1
             continue
-        if row is None and _reuse_same_content(library, path, stat, digest):
+        work = _Work(path, stat.st_size, stat.st_mtime, digest)
+        if row is None and _reuse_same_content(library, work):
             summary.moved += 1
-            continue
-        yield _Work(path, stat.st_size, stat.st_mtime, digest)
+        elif (digest, stat.st_size) in planned:
+            copies.append(work)
+        else:
+            planned.add((digest, stat.st_size))
+            yield work
 
 
-def _reuse_same_content(library: Library, path: Path, stat: os.stat_result, digest: str) -> bool:
+def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSummary) -> list[_Work]:
+    """Give each copy of a file embedded in this run that file's features, or its failure (the same bytes fail
+    the same way); returns the copies whose original left neither (it vanished mid-run), to be embedded."""
+    orphans = []
+    for work in copies:
+        if _reuse_same_content(library, work):
+            summary.moved += 1
+        elif failed := [twin for twin in library.find_by_fingerprint(work.fingerprint, work.size) if twin.error]:
+            _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, failed[0].error)
+        else:
+            orphans.append(work)
+    return orphans
+
+
+def _reuse_same_content(library: Library, work: _Work) -> bool:
     """A renamed or moved file keeps its features (and its id); a copy gets a copy of them."""
-    for twin in library.find_by_fingerprint(digest, stat.st_size):
+    for twin in library.find_by_fingerprint(work.fingerprint, work.size):
         if twin.status != "ok":
             continue
         if not Path(twin.path).exists():
-            library.move(twin.id, str(path), stat.st_mtime)
+            library.move(twin.id, str(work.path), work.mtime)
             return True
         frames = library.frame_features([twin.id]).get(twin.id)
         if frames is None:
             continue
         library.put_video(
-            str(path),
-            size=stat.st_size,
-            mtime=stat.st_mtime,
-            fingerprint=digest,
+            str(work.path),
+            size=work.size,
+            mtime=work.mtime,
+            fingerprint=work.fingerprint,
             duration=twin.duration or 0.0,
             width=twin.width or 0,
             height=twin.height or 0,
@@ -471,8 +496,8 @@ def _embed_all(
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
         stats.dtype = model.dtype_name if model.precision_known else None
-        stats.wall_seconds = time.perf_counter() - started
-        stats.cpu_seconds = time.process_time() - cpu_started
+        stats.wall_seconds += time.perf_counter() - started  # a second call (copies whose original vanished) adds
+        stats.cpu_seconds += time.process_time() - cpu_started
 
 
 @dataclass(frozen=True)
