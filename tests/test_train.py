@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,6 +451,11 @@ def test_resume_may_change_the_micro_batch_only(shapes, tmp_path):
         train(TINY, shapes, options, progress=Recorder(stop_after=1))
     with pytest.raises(Ts2Error, match="other settings \\(--clip-lr, --lr\\)"):
         train(TINY, shapes, dataclasses.replace(options, resume=True, lr=5e-4, clip_lr=1e-3))
+    swapped = dataclasses.replace(shapes, captions=[*shapes.captions[1:], shapes.captions[0]])  # as many items
+    with pytest.raises(Ts2Error, match="other settings \\(data \\(other videos or captions"):
+        train(TINY, swapped, dataclasses.replace(options, resume=True))
+    moved = dataclasses.replace(shapes, videos=[Path("/elsewhere") / video.name for video in shapes.videos])
+    assert moved.digest() == shapes.digest()  # where the files lie is not part of the data
     resumed = train(TINY, shapes, dataclasses.replace(options, resume=True, micro_batch=4))
     assert [e.steps for e in resumed.epochs] == [2, 4] and math.isfinite(resumed.epochs[-1].loss)
 

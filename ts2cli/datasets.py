@@ -12,6 +12,7 @@ the data directory, first hit wins:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -58,6 +59,17 @@ class CaptionSet:
 
     def captions_of(self, video_index: int) -> list[str]:
         return [self.captions[c] for c in np.flatnonzero(self.caption_video == video_index)]
+
+    def digest(self) -> str:
+        """SHA-256 of the items as a trainer sees them (video ids, captions, which caption is whose, the unit), not
+        of where the files lie: a data folder that moved is the same data."""
+        content = {
+            "videos": self.video_ids,
+            "captions": self.captions,
+            "caption_video": self.caption_video.tolist(),
+            "expanded": self.expanded,
+        }
+        return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
 
 
 def load_msrvtt_test(data_dir: Path, *, allow_missing: bool = False) -> CaptionSet:

@@ -386,6 +386,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "recipe": self._recipe(),
             "items": len(self.data),
+            "data": self.data.digest(),
             "history": [r.to_json() for r in self.history],
             "failed": self.failed,
         }
@@ -402,6 +403,8 @@ class Trainer:
         )
         if state["items"] != len(self.data):
             changed.append(f"data ({state['items']} items before, {len(self.data)} now)")
+        elif state.get("data", self.data.digest()) != self.data.digest():  # older states have no digest
+            changed.append("data (other videos or captions, as many as before)")
         if changed:
             raise Ts2Error(f"Cannot resume: the run was started with other settings ({', '.join(changed)}).")
         self.optimizer.load_state_dict(state["optimizer"])
