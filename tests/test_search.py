@@ -187,6 +187,8 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
 
     paths = run_ts2("search", "a cat on a sofa", "--library", library, "--paths", "--limit", "4", "--device", "cpu")
     assert paths.stdout.splitlines() == [item["path"] for item in data["results"]]
+    ended = run_ts2("search", "a cat on a sofa", "--library", library, "--print0", "--limit", "4", "--device", "cpu")
+    assert ended.stdout.split("\0") == [*paths.stdout.splitlines(), ""]  # for xargs -0: a newline may be in a name
     # the table is the answer: on stdout, one row per video with its whole path, however narrow rich thinks it is
     table = run_ts2("search", "a cat on a sofa", "--library", library, "--limit", "4")
     rows = table.stdout.splitlines()[1:]
@@ -211,7 +213,7 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
     for args, words in (
         (("x", "--like", "a.mp4"), "give a query or --like VIDEO, not both"),
         ((), "give a query or --like VIDEO"),
-        (("x", "--json", "--paths"), "Invalid value for '--paths': give --json or --paths, not both"),
+        (("x", "--json", "--paths"), "Invalid value for '--paths': give one of --json, --paths and --print0"),
         (("x", "--min-score", "nan"), "Invalid value for '--min-score': must be a number"),
     ):
         misused = run_ts2("search", *args, "--library", library)

@@ -330,6 +330,9 @@ def search_command(
     within: Annotated[Path | None, typer.Option("--in", help="Only videos under this folder.")] = None,
     min_score: Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this.")] = None,
     paths: Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line.")] = False,
+    print0: Annotated[
+        bool, typer.Option("--print0", "-0", help="Print bare paths, each ended by a NUL (for xargs -0).")
+    ] = False,
     open_top: Annotated[bool, typer.Option("--open", help="Open the top result at its moment.")] = False,
     library: LibraryDir = None,
     model: Annotated[
@@ -355,8 +358,8 @@ def search_command(
     if (query is None) == (like is None):
         both = ", not both" if query is not None else ""
         raise typer.BadParameter(f'give a query or --like VIDEO{both}, e.g. ts2 search "dog catching a frisbee"')
-    if as_json and paths:
-        raise typer.BadParameter("give --json or --paths, not both", param_hint="'--paths'")
+    if as_json + paths + print0 > 1:
+        raise typer.BadParameter("give one of --json, --paths and --print0", param_hint="'--paths'")
     if min_score is not None and math.isnan(min_score):
         raise typer.BadParameter("must be a number", param_hint="'--min-score'")
     options = SearchOptions(limit=limit, candidates=candidates, within=within, min_score=min_score)
@@ -379,8 +382,9 @@ def search_command(
         console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if as_json:
         print_json(search_json(query_text, identity, hits))
-    elif paths:
-        sys.stdout.write("".join(f"{hit.path}\n" for hit in hits))
+    elif paths or print0:
+        end = "\0" if print0 else "\n"
+        sys.stdout.write("".join(f"{hit.path}{end}" for hit in hits))
     else:
         output.print(results_table(hits, output.width) if hits else "No matching videos.")
     if open_top and hits:
