@@ -143,7 +143,7 @@ def test_reindex_is_incremental(tmp_path, make_video, library):
 def test_the_model_is_loaded_only_when_a_video_is_to_be_embedded(tmp_path, make_video, library, model):
     folder = tmp_path / "v"
     make_video("v/a.mp4", seconds=1)
-    make_video("v/b.mp4", seconds=1, seed=1)
+    make_video("v/b.mp4", seconds=1, texture=True, seed=1)  # not a copy of a.mp4
     loads = []
     request = {"model": "tiny", "pretrained": None, "checkpoint": None, "compat": None}
 
@@ -198,7 +198,7 @@ def test_a_model_request_names_local_files_by_content(tmp_path):
 
 def test_running_out_of_memory_names_the_option_and_keeps_what_was_done(tmp_path, make_video, library):
     for name in ("a", "b", "c"):
-        make_video(f"v/{name}.mp4", seconds=1, seed=ord(name))
+        make_video(f"v/{name}.mp4", seconds=1, texture=True, seed=ord(name))
     model = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", precision="float32"))
     forwards = []
 
@@ -271,9 +271,9 @@ def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, mo
 
 def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
-    make_video("v/gone.mp4", seconds=1, seed=1)
-    make_video("elsewhere/b.mp4", seconds=1, seed=2)
-    make_video("elsewhere/c.mp4", seconds=1, seed=3)
+    make_video("v/gone.mp4", seconds=1, texture=True, seed=1)
+    make_video("elsewhere/b.mp4", seconds=1, texture=True, seed=2)
+    make_video("elsewhere/c.mp4", seconds=1, texture=True, seed=3)
     index(library, model, tmp_path / "v", tmp_path / "elsewhere")
     (tmp_path / "v" / "gone.mp4").unlink()
     rebuilt = index(library, model, tmp_path / "v", rebuild=True)
@@ -679,7 +679,7 @@ class RenameAfterPlanning(Progress):
 
 def test_files_that_vanish_during_a_run_are_not_recorded_as_failures(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
-    make_video("v/b.mp4", seconds=1, seed=1)
+    make_video("v/b.mp4", seconds=1, texture=True, seed=1)  # not a copy of a.mp4
     summary = index_folders(
         library, model, IndexOptions(roots=[tmp_path / "v"]), RenameAfterPlanning(tmp_path / "v", tmp_path / "w")
     )
