@@ -37,6 +37,9 @@ def test_usage_errors_are_plain_lines():
         assert not set("╭│╰") & set(result.stderr), result.stderr  # no box drawn around the message
     usage = run_ts2("index", "--help").stdout.splitlines()[0]
     assert "index [OPTIONS]" in usage and "FOLDERS" in usage  # typer 0.29 writes {FOLDERS}..., click FOLDERS...
+    for command in (("index",), ("search",), ("eval", "captions"), ("train", "msrvtt")):  # values named, not typed
+        options = run_ts2(*command, "--help").stdout.split("Options:")[1]
+        assert not [kind for kind in ("<str>", "<int", "<float", "<path>") if kind in options], options
 
 
 def test_command_line_choices_are_the_librarys():

@@ -182,12 +182,16 @@ def index_command(
     ] = [],  # noqa: B006
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Videos per model batch (default: auto).")
+        int | None, typer.Option("--batch-size", metavar="N", min=1, help="Videos per model batch (default: auto).")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", metavar="N", min=1, help="Decoding threads (default: auto).")
+    ] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget the library's videos and re-index.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another ts2 index to finish.")] = 0.0,
+    wait: Annotated[
+        float, typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for another ts2 index to finish.")
+    ] = 0.0,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, hidden=True)] = 16,
     model: ModelName = None,
     pretrained: Pretrained = None,
@@ -324,11 +328,17 @@ def search_command(
         list[str] | None,
         typer.Argument(metavar="QUERY", help="What happens in the video you are looking for (quotes optional)."),
     ] = None,
-    like: Annotated[Path | None, typer.Option("--like", help="Find videos similar to this video file.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Number of results.")] = 10,
-    candidates: Annotated[int, typer.Option("--candidates", min=1, help="ANN candidates re-ranked exactly.")] = 300,
-    within: Annotated[Path | None, typer.Option("--in", help="Only videos under this folder.")] = None,
-    min_score: Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this.")] = None,
+    like: Annotated[
+        Path | None, typer.Option("--like", metavar="VIDEO", help="Find videos similar to this video file.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, help="Number of results.")] = 10,
+    candidates: Annotated[
+        int, typer.Option("--candidates", metavar="N", min=1, help="ANN candidates re-ranked exactly.")
+    ] = 300,
+    within: Annotated[Path | None, typer.Option("--in", metavar="DIR", help="Only videos under this folder.")] = None,
+    min_score: Annotated[
+        float | None, typer.Option("--min-score", metavar="X", help="Drop results scoring below this.")
+    ] = None,
     paths: Annotated[bool, typer.Option("--paths", help="Print bare paths, one a line.")] = False,
     print0: Annotated[
         bool, typer.Option("--print0", "-0", help="Print bare paths, each ended by a NUL (for xargs -0).")

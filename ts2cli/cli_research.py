@@ -51,10 +51,14 @@ DIRECTIONS = {
 Frames = Annotated[
     int | None,
     typer.Option(
-        "--frames", min=1, help="Frames per video (T). Default: a checkpoint's own, else 12.", rich_help_panel="Model"
+        "--frames",
+        metavar="N",
+        min=1,
+        help="Frames per video (T). Default: a checkpoint's own, else 12.",
+        rich_help_panel="Model",
     ),
 ]
-Workers = Annotated[int | None, typer.Option("--workers", min=1, help="Decoding threads (default: auto).")]
+Workers = Annotated[int | None, typer.Option("--workers", metavar="N", min=1, help="Decoding threads (default: auto).")]
 AllowMissing = Annotated[
     bool, typer.Option("--allow-missing", help="Use the videos that exist when some listed ones are missing.")
 ]
@@ -65,24 +69,37 @@ Dsl = Annotated[
     bool, typer.Option("--dsl", help="Also report metrics after the inverted softmax (transductive: uses all queries).")
 ]
 CacheDir = Annotated[
-    Path | None, typer.Option("--cache-dir", help="Feature cache folder (default: the user cache folder).")
+    Path | None,
+    typer.Option("--cache-dir", metavar="DIR", help="Feature cache folder (default: the user cache folder)."),
 ]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write cached video features.")]
-EvalBatch = Annotated[int, typer.Option("--batch-size", min=1, help="Videos per model batch.")]
+EvalBatch = Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="Videos per model batch.")]
 
-Out = Annotated[Path, typer.Option("--out", help="Folder for checkpoints (epoch-N.safetensors, last.safetensors).")]
-Epochs = Annotated[int, typer.Option("--epochs", min=1, rich_help_panel="Recipe")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch.", rich_help_panel="Recipe")]
+Out = Annotated[
+    Path, typer.Option("--out", metavar="DIR", help="Folder for checkpoints (epoch-N.safetensors, last.safetensors).")
+]
+Epochs = Annotated[int, typer.Option("--epochs", metavar="N", min=1, rich_help_panel="Recipe")]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", metavar="N", min=2, help="Global batch.", rich_help_panel="Recipe")
+]
 MicroBatch = Annotated[
-    int, typer.Option("--micro-batch", min=1, help="Videos encoded at once (memory).", rich_help_panel="Recipe")
+    int,
+    typer.Option(
+        "--micro-batch", metavar="N", min=1, help="Videos encoded at once (memory).", rich_help_panel="Recipe"
+    ),
 ]
-Lr = Annotated[float, typer.Option("--lr", min=0.0, help="lr of the new parts.", rich_help_panel="Recipe")]
-ClipLr = Annotated[float, typer.Option("--clip-lr", min=0.0, help="lr of the CLIP backbone.", rich_help_panel="Recipe")]
-WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0, rich_help_panel="Recipe")]
+Lr = Annotated[float, typer.Option("--lr", metavar="X", min=0.0, help="lr of the new parts.", rich_help_panel="Recipe")]
+ClipLr = Annotated[
+    float, typer.Option("--clip-lr", metavar="X", min=0.0, help="lr of the CLIP backbone.", rich_help_panel="Recipe")
+]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", metavar="X", min=0.0, rich_help_panel="Recipe")]
 Warmup = Annotated[
-    float, typer.Option("--warmup", min=0.0, max=1.0, help="Warm-up share of all steps.", rich_help_panel="Recipe")
+    float,
+    typer.Option(
+        "--warmup", metavar="X", min=0.0, max=1.0, help="Warm-up share of all steps.", rich_help_panel="Recipe"
+    ),
 ]
-Seed = Annotated[int, typer.Option("--seed", rich_help_panel="Recipe")]
+Seed = Annotated[int, typer.Option("--seed", metavar="N", rich_help_panel="Recipe")]
 Precision = Annotated[
     TrainPrecisionChoice,
     typer.Option(
@@ -99,6 +116,7 @@ SimulateRanks = Annotated[
     int,
     typer.Option(
         "--simulate-ranks",
+        metavar="N",
         min=1,
         help="Scale gradients as the paper's N-GPU run did (8 for parity).",
         rich_help_panel="Recipe",
@@ -110,9 +128,11 @@ HeadOption = Annotated[
 ]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")]
 EvalCsv = Annotated[
-    Path | None, typer.Option("--eval-csv", help="Held-out video,caption list scored after each epoch.")
+    Path | None, typer.Option("--eval-csv", metavar="FILE", help="Held-out video,caption list scored after each epoch.")
 ]
-EvalVideos = Annotated[Path | None, typer.Option("--eval-videos", help="Folder of the --eval-csv videos.")]
+EvalVideos = Annotated[
+    Path | None, typer.Option("--eval-videos", metavar="DIR", help="Folder of the --eval-csv videos.")
+]
 TrainPretrained = Annotated[
     str | None,
     typer.Option(
@@ -128,7 +148,9 @@ TrainPretrained = Annotated[
 # --- ts2 eval ---------------------------------------------------------------------------------------------------
 @eval_app.command("msrvtt")
 def eval_msrvtt(
-    data: Annotated[Path, typer.Option("--data", help="Folder with MSRVTT_JSFUSION_test.csv and the videos.")],
+    data: Annotated[
+        Path, typer.Option("--data", metavar="DIR", help="Folder with MSRVTT_JSFUSION_test.csv and the videos.")
+    ],
     allow_missing: AllowMissing = False,
     dsl: Dsl = False,
     ties: Ties = "strict",
@@ -160,8 +182,10 @@ def eval_msrvtt(
 
 @eval_app.command("captions")
 def eval_captions(
-    csv: Annotated[Path, typer.Option("--csv", help="A video,caption list (header row required).")],
-    videos: Annotated[Path | None, typer.Option("--videos", help="Folder the CSV's paths are relative to.")] = None,
+    csv: Annotated[Path, typer.Option("--csv", metavar="FILE", help="A video,caption list (header row required).")],
+    videos: Annotated[
+        Path | None, typer.Option("--videos", metavar="DIR", help="Folder the CSV's paths are relative to.")
+    ] = None,
     allow_missing: AllowMissing = False,
     dsl: Dsl = False,
     ties: Ties = "strict",
@@ -262,7 +286,9 @@ def eval_table(result: EvalResult) -> Table:
 # --- ts2 train --------------------------------------------------------------------------------------------------
 @train_app.command("msrvtt")
 def train_msrvtt(
-    data: Annotated[Path, typer.Option("--data", help="Folder with MSRVTT_train.9k.csv, MSRVTT_data.json, videos.")],
+    data: Annotated[
+        Path, typer.Option("--data", metavar="DIR", help="Folder with MSRVTT_train.9k.csv, MSRVTT_data.json, videos.")
+    ],
     out: Out,
     eval_test: Annotated[
         bool, typer.Option("--eval-test", help="Score the 1k-A test split after each epoch, as the paper does.")
@@ -309,9 +335,13 @@ def train_msrvtt(
 
 @train_app.command("captions")
 def train_captions(
-    csv: Annotated[Path, typer.Option("--csv", help="Training video,caption list (header row required).")],
+    csv: Annotated[
+        Path, typer.Option("--csv", metavar="FILE", help="Training video,caption list (header row required).")
+    ],
     out: Out,
-    videos: Annotated[Path | None, typer.Option("--videos", help="Folder the CSV's paths are relative to.")] = None,
+    videos: Annotated[
+        Path | None, typer.Option("--videos", metavar="DIR", help="Folder the CSV's paths are relative to.")
+    ] = None,
     eval_csv: EvalCsv = None,
     eval_videos: EvalVideos = None,
     allow_missing: AllowMissing = False,
