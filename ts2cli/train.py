@@ -403,7 +403,7 @@ class Trainer:
         )
         if state["items"] != len(self.data):
             changed.append(f"data ({state['items']} items before, {len(self.data)} now)")
-        elif state.get("data", self.data.digest()) != self.data.digest():  # older states have no digest
+        elif state.get("data") not in (None, self.data.digest()):  # None: a state written before the digest was
             changed.append("data (other videos or captions, as many as before)")
         if changed:
             raise Ts2Error(f"Cannot resume: the run was started with other settings ({', '.join(changed)}).")
