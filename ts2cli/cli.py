@@ -424,11 +424,17 @@ app.add_typer(train_app, name="train")
 def main() -> None:
     _stop_tidily_on_signals()
     try:
-        app()
-    except SystemExit as done:
+        _run()
+    finally:
         # The command is over: a signal during the interpreter's teardown (about a second once torch is imported)
         # ends it as the signal would, not with a traceback from whatever atexit function it lands in.
         _restore_signals()
+
+
+def _run() -> None:
+    try:
+        app()
+    except SystemExit as done:
         if done.code not in (None, 0) and _caused_by_interrupt(done):
             _interrupted()
         if _state["fast_exit"] and done.code in (None, 0):
