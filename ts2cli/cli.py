@@ -491,7 +491,7 @@ def _stop_tidily_on_signals() -> None:
     for number in STOP_SIGNALS:
         handler = signal.getsignal(number)
         if handler is not signal.SIG_IGN:
-            _signals_before[number] = handler
+            _signals_before[number] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
             signal.signal(number, _on_stop_signal)
 
 
