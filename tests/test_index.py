@@ -429,6 +429,32 @@ def test_a_second_ctrl_c_stops_at_once_and_the_library_stays_whole(tmp_path, tin
         assert lib.stats().videos_ok == 24 and len(lib.global_vectors()[0]) == 24
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the pseudo-terminal's hang-up is checked on Linux")
+def test_closing_the_terminal_stops_the_index_tidily(tmp_path, tiny_files, many_videos):
+    import pty
+    import select
+
+    library = tmp_path / "lib"
+    command = ts2_index(many_videos, library, tiny_files, "--batch-size", "1", "--commit-every", "1", "--workers", "1")
+    pid, terminal = pty.fork()  # the child runs ts2 with the pseudo-terminal as its controlling terminal
+    if pid == 0:
+        os.execv(command[0], command)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 120
+        while count_ok(library) < 1 and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                shown += os.read(terminal, 65536)  # drained, so that the progress bar never blocks on a full pty
+    finally:
+        os.close(terminal)  # the terminal goes away: the kernel hangs up its session (SIGHUP)
+    _, status = os.waitpid(pid, 0)
+    kept = count_ok(library)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP and 1 <= kept < 24, shown[-2000:]
+    resumed = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["unchanged"] >= kept and count_ok(library) == 24
+
+
 SLOW_TIDY_UP = """
 import sys, time
 from ts2cli import cli
