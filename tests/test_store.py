@@ -571,6 +571,25 @@ def test_second_writer_is_refused_then_admitted(libdir: Path) -> None:
         assert lib.write
 
 
+def test_ctrl_c_during_a_commit_waits_until_the_ann_index_follows(libdir, rng, monkeypatch) -> None:
+    lib = Library.open(libdir, write=True, create=True)
+    lib.check_model(MODEL)
+    _put(lib, "/v/a.mp4", rng)
+    apply = Library._apply_pending
+
+    def interrupted(self: Library, gen) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after SQLite's COMMIT, before the ANN index caught up
+        apply(self, gen)
+
+    monkeypatch.setattr(Library, "_apply_pending", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lib.commit()
+    assert lib._ann_gen == lib._generation() and lib._ann_count == 1  # delivered once both had changed
+    monkeypatch.undo()
+    lib.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_deleting_the_lock_file_mid_run_does_not_let_a_second_writer_in(libdir: Path) -> None:
     child = _run_child(_HOLD_LOCK, str(libdir))
     try:

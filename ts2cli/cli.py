@@ -36,7 +36,7 @@ from .cli_options import (
     Pretrained,
 )
 from .cli_research import eval_app, train_app
-from .errors import Ts2Error
+from .errors import STOP_SIGNALS, Ts2Error
 
 app = typer.Typer(
     name="ts2",
@@ -56,8 +56,6 @@ output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDE
 _state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted.", "stopped_by": 0}
 """``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train);
 ``stopped_by``: the signal that is stopping the command, 0 while none is."""
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""Ctrl-C, ``kill`` (or a service manager) and a closed terminal: each stops a command the same tidy way."""
 _signals_before: dict[int, Any] = {}
 
 # str, not Path: typer would turn "" (an unset variable in a script) into Path("."), the current folder
