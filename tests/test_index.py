@@ -279,6 +279,7 @@ def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_
     rebuilt = index(library, model, tmp_path / "v", rebuild=True)
     assert (rebuilt.indexed, rebuilt.removed) == (1, 3)  # a.mp4 again; gone.mp4 and elsewhere's two forgotten
     assert library.paths() == {str((tmp_path / "v" / "a.mp4").resolve())}
+    assert library.stats().folders == [(str((tmp_path / "v").resolve()), 1)]  # "elsewhere" is no longer covered
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
@@ -514,6 +515,14 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
     for folder in ("kept", "gone"):
         assert subprocess.run(ts2_index(tmp_path / "videos" / folder, library, tiny_files)).returncode == 0
     shutil.rmtree(tmp_path / "videos" / "gone")
+    status = [sys.executable, "-m", "ts2cli", "status", "--library", str(library)]
+    shown = subprocess.run([*status, "--json"], capture_output=True, text=True)
+    kept, gone = (str((tmp_path / "videos" / folder).resolve()) for folder in ("kept", "gone"))
+    assert json.loads(shown.stdout)["folders"] == [  # the folders the library covers, in path order
+        {"path": gone, "videos": 2, "present": False},
+        {"path": kept, "videos": 1, "present": True},
+    ]
+    assert "(2 videos, not found)" in subprocess.run(status, capture_output=True, text=True).stdout
 
     again = subprocess.run(ts2_index(tmp_path / "videos" / "gone", library, tiny_files), capture_output=True, text=True)
     assert again.returncode == 1 and "Traceback" not in again.stderr
@@ -526,6 +535,7 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
         assert lib.stats().videos_ok == 1 and len(lib.global_vectors()[0]) == 1
         assert lib.get_by_path(str((tmp_path / "videos" / "kept" / "a.mp4").resolve())) is not None
         assert str((tmp_path / "videos" / "gone").resolve()) not in lib._links()
+        assert lib.stats().folders == [(kept, 1)]
     nothing = subprocess.run(forget, capture_output=True, text=True)
     assert nothing.returncode == 0 and "holds no video under" in nothing.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,6 +82,9 @@ def status_json(stats: Any) -> dict[str, Any]:
         "schema_version": stats.schema_version,
         "duration": round(stats.video_seconds, 1),
         "last_indexed": _iso_utc(stats.last_indexed),
+        "folders": [
+            {"path": root, "videos": videos, "present": os.path.exists(root)} for root, videos in stats.folders
+        ],
     }
 
 
@@ -116,6 +120,10 @@ def status_table(status: dict[str, Any]) -> Table:
         table.add_row("", _failure_line(failure["path"], failure["reason"]))
     if len(status["failed"]) > 20:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
+    for number, folder in enumerate(status["folders"]):
+        gone = "" if folder["present"] else ", [yellow]not found[/yellow]"
+        videos = f"{folder['videos']:,} video{'' if folder['videos'] == 1 else 's'}"
+        table.add_row("folders" if number == 0 else "", f"{escape(folder['path'])} ({videos}{gone})")
     table.add_row("size", decimal(status["bytes"]))
     if status["last_indexed"]:
         local = datetime.fromisoformat(status["last_indexed"]).astimezone()

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +102,8 @@ class LibraryStats:
     """Total length of the indexed (``ok``) videos."""
     last_indexed: float | None = None
     """When a video row was last written (seconds since the epoch); None for an empty library."""
+    folders: list[tuple[str, int]] = field(default_factory=list)
+    """The roots ``ts2 index`` has scanned (folders or single files), sorted, with their indexed videos."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +388,7 @@ class Library:
         with self._write_step():
             self._conn.execute("DELETE FROM features")
             self._conn.execute("DELETE FROM videos")
+            self._set_meta("linked_folders", "{}")  # no root holds a video now; a scan records its root again
             self._set_meta("model", _canonical_json(config))
             self._pending.clear()
             self._pending_reset = True
@@ -425,6 +428,11 @@ class Library:
         """How many rows (videos and failed files) lie at or under ``place``."""
         where, args = _under_root(place)
         return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {where}", args).fetchone()[0])
+
+    def _count_ok_under(self, place: str | os.PathLike[str]) -> int:
+        where, args = _under_root(place)
+        query = f"SELECT COUNT(*) FROM videos WHERE status = 'ok' AND ({where})"
+        return int(self._conn.execute(query, args).fetchone()[0])
 
     def forget_links_of(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Stop answering for what the symlinks under ``roots`` led to (see ``remember_links``)."""
@@ -990,6 +998,7 @@ class Library:
             dim = self._library_dim()
             generation = self._generation().number
             version = self._schema_version() or SCHEMA_VERSION
+            folders = [(root, self._count_ok_under(root)) for root in sorted(self._links())]
         return LibraryStats(
             directory=self.directory,
             videos_ok=counts.get("ok", 0),
@@ -1002,6 +1011,7 @@ class Library:
             generation=generation,
             video_seconds=float(video_seconds),
             last_indexed=last_indexed,
+            folders=folders,
         )
 
 
