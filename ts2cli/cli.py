@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -36,7 +35,8 @@ from .cli_options import (
     Pretrained,
 )
 from .cli_research import eval_app, train_app
-from .errors import STOP_SIGNALS, Ts2Error
+from .errors import Ts2Error
+from .stopping import replace_stop_handlers, restore_handlers
 
 app = typer.Typer(
     name="ts2",
@@ -57,6 +57,7 @@ _state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "In
 """``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train);
 ``stopped_by``: the signal that is stopping the command, 0 while none is."""
 _signals_before: dict[int, Any] = {}
+"""The stop signals' handlers before ``main`` put its own in place."""
 
 # str, not Path: typer would turn "" (an unset variable in a script) into Path("."), the current folder
 LibraryDir = Annotated[
@@ -481,22 +482,14 @@ def on_interrupt(message: str | Callable[[], str]) -> None:
 
 def _stop_tidily_on_signals() -> None:
     """Turn the first stop signal into KeyboardInterrupt, so that SIGTERM and SIGHUP, like Ctrl-C, let an index run
-    commit what it stored (without this they end the process on the spot, like ``kill -9``). A signal the caller
-    set to be ignored (``nohup``, a background job of a script) stays ignored."""
+    commit what it stored (without this they end the process on the spot, like ``kill -9``)."""
     _state["stopped_by"] = 0
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for number in STOP_SIGNALS:
-        handler = signal.getsignal(number)
-        if handler is not signal.SIG_IGN:
-            _signals_before[number] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
-            signal.signal(number, _on_stop_signal)
+    _signals_before.update(replace_stop_handlers(_on_stop_signal))
 
 
 def _restore_signals() -> None:
-    while _signals_before:
-        number, handler = _signals_before.popitem()
-        signal.signal(number, handler)
+    restore_handlers(_signals_before)
+    _signals_before.clear()
 
 
 def _on_stop_signal(number: int, frame: object) -> None:

@@ -1,10 +1,4 @@
-"""Errors that reach the user as one plain sentence (the CLI prints them without a traceback), and the signals
-that stop a command."""
-
-import signal
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""Ctrl-C, ``kill`` (or a service manager) and a closed terminal: each stops a command the same tidy way."""
+"""Errors that reach the user as one plain sentence (the CLI prints them without a traceback)."""
 
 
 class Ts2Error(Exception):

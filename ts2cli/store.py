@@ -20,9 +20,7 @@ import fcntl
 import json
 import os
 import secrets
-import signal
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,8 @@ import numpy as np
 import numpy.typing as npt
 import platformdirs
 
-from ts2cli.errors import STOP_SIGNALS, LibraryError, one_line
+from ts2cli.errors import LibraryError, one_line
+from ts2cli.stopping import stop_signals_held
 
 SCHEMA_VERSION = 1
 
@@ -672,7 +671,7 @@ class Library:
         if not self._conn.in_transaction:
             return
         changed = bool(self._pending) or self._pending_reset
-        with _stop_signals_held():  # stopped between the two, the ANN index would lag SQLite and cost a rebuild
+        with stop_signals_held():  # stopped between the two, the ANN index would lag SQLite and cost a rebuild
             try:
                 if changed:
                     old = self._generation()
@@ -1308,29 +1307,6 @@ def _acquire_writer_lock(directory: Path, wait: float, on_wait: Callable[[], Non
     except BaseException:  # also Ctrl-C while waiting
         _close_all(fds)
         raise
-
-
-@contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends, then deliver the first one that came: for the
-    milliseconds in which SQLite and the in-memory ANN index change together. Signals reach only the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    before: dict[int, Any] = {}
-    for number in STOP_SIGNALS:
-        handler = signal.getsignal(number)
-        if handler not in (signal.SIG_IGN, None):
-            before[number] = handler
-            signal.signal(number, lambda number, frame: came.append(number))
-    try:
-        yield
-    finally:
-        for number, handler in before.items():
-            signal.signal(number, handler)
-        if came:
-            signal.raise_signal(came[0])
 
 
 def _try_flock(fd: int) -> bool:
