@@ -423,15 +423,11 @@ class Library:
             return {}  # nothing outside the roots is swept until each root's next scan records its links again
         return links if isinstance(links, dict) else {}
 
-    def count_under(self, place: str | os.PathLike[str]) -> int:
-        """How many rows (videos and failed files) lie at or under ``place``."""
+    def count_under(self, place: str | os.PathLike[str], *, indexed_only: bool = False) -> int:
+        """How many rows (videos and failed files, or only the indexed videos) lie at or under ``place``."""
         where, args = _under_root(place)
-        return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {where}", args).fetchone()[0])
-
-    def _count_ok_under(self, place: str | os.PathLike[str]) -> int:
-        where, args = _under_root(place)
-        query = f"SELECT COUNT(*) FROM videos WHERE status = 'ok' AND ({where})"
-        return int(self._conn.execute(query, args).fetchone()[0])
+        status = "status = 'ok' AND " if indexed_only else ""
+        return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {status}({where})", args).fetchone()[0])
 
     def forget_links_of(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Stop answering for what the symlinks under ``roots`` led to (see ``remember_links``)."""
@@ -997,7 +993,7 @@ class Library:
             dim = self._library_dim()
             generation = self._generation().number
             version = self._schema_version() or SCHEMA_VERSION
-            folders = [(root, self._count_ok_under(root)) for root in sorted(self._links())]
+            folders = [(root, self.count_under(root, indexed_only=True)) for root in sorted(self._links())]
         return LibraryStats(
             directory=self.directory,
             videos_ok=counts.get("ok", 0),
