@@ -229,10 +229,11 @@ def index_command(
         return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
 
     def waiting() -> None:
+        # The message first: a Ctrl-C right after the line below must already get it.
+        on_interrupt("Interrupted while waiting for the other ts2 index; nothing was changed.")
         console.print(
             f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
         )
-        on_interrupt("Interrupted while waiting for the other ts2 index; nothing was changed.")
 
     with Library.open(library, write=True, create=True, wait=wait, on_wait=waiting) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
