@@ -20,6 +20,7 @@ from tiny_models import TINY_CLIP, tiny_net
 from ts2cli.errors import LibraryError, Ts2Error
 from ts2cli.indexer import KEYFRAME_SNAP, IndexOptions, ModelOnDemand, Progress, index_folders, model_request
 from ts2cli.model import ModelOptions, load_model
+from ts2cli.scan import ScanRules
 from ts2cli.store import Library
 
 
@@ -282,6 +283,52 @@ def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_
     assert library.stats().folders == [(str((tmp_path / "v").resolve()), 1)]  # "elsewhere" is no longer covered
 
 
+def test_naming_no_folder_updates_each_folder_with_its_own_rules(tmp_path, make_video, library, model):
+    with pytest.raises(Ts2Error, match="covers no folder yet"):
+        index(library, model)
+    make_video("a/one.mp4", seconds=1)
+    make_video("a/drafts/draft.mp4", seconds=1, texture=True, seed=1)
+    make_video("a/.private/p.mp4", seconds=1, texture=True, seed=2)
+    make_video("b/.h/two.mp4", seconds=1, texture=True, seed=3)
+    index(library, model, tmp_path / "a", exclude=("drafts/*",))
+    index(library, model, tmp_path / "b", include_hidden=True)
+    a, b = (str((tmp_path / name).resolve()) for name in "ab")
+    assert library.paths() == {f"{a}/one.mp4", f"{b}/.h/two.mp4"}
+    assert library.stats().folder_rules == {a: ScanRules(("drafts/*",), False), b: ScanRules((), True)}
+
+    make_video("a/new.mp4", seconds=1, texture=True, seed=4)
+    make_video("a/drafts/new draft.mp4", seconds=1, texture=True, seed=5)  # excluded under a
+    make_video("b/.h/new.mp4", seconds=1, texture=True, seed=6)  # hidden, but b takes hidden files
+    (tmp_path / "a" / "one.mp4").unlink()
+    updated = index(library, model)
+    assert (updated.indexed, updated.removed, updated.folders, updated.skipped_folders) == (2, 1, [a, b], [])
+    assert library.paths() == {f"{a}/new.mp4", f"{b}/.h/two.mp4", f"{b}/.h/new.mp4"}
+
+    rebuilt = index(library, model, rebuild=True)  # every folder again, with the same rules
+    assert (rebuilt.indexed, rebuilt.removed) == (3, 0) and library.paths() == updated_paths(a, b)
+
+    (tmp_path / "b").rename(tmp_path / "b unplugged")
+    kept = index(library, model)  # a drive that is not there now: its videos stay
+    assert kept.folders == [a] and [(path, why.split(";")[0]) for path, why in kept.skipped_folders] == [
+        (b, "not there now")
+    ]
+    assert library.paths() == updated_paths(a, b)
+    with pytest.raises(Ts2Error, match=f"--rebuild would forget the videos of {b} "):
+        index(library, model, rebuild=True)
+    assert library.paths() == updated_paths(a, b)
+
+    with library._write_step():  # as a library written before ts2 recorded the rules
+        library._set_meta("folder_rules", "{}")
+    with pytest.raises(Ts2Error, match=f"None of the library's folders can be updated: {a} \\(indexed by an older"):
+        index(library, model)
+    index(library, model, tmp_path / "a", exclude=("drafts/*",))  # naming it records them again
+    assert index(library, model).folders == [a]
+
+
+def updated_paths(a: str, b: str) -> set[str]:
+    return {f"{a}/new.mp4", f"{b}/.h/two.mp4", f"{b}/.h/new.mp4"}
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
 def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(tmp_path, make_video, library, model):
     make_video("v/good.mp4", seconds=1)
@@ -519,8 +566,8 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
     shown = subprocess.run([*status, "--json"], capture_output=True, text=True)
     kept, gone = (str((tmp_path / "videos" / folder).resolve()) for folder in ("kept", "gone"))
     assert json.loads(shown.stdout)["folders"] == [  # the folders the library covers, in path order
-        {"path": gone, "videos": 2, "present": False},
-        {"path": kept, "videos": 1, "present": True},
+        {"path": gone, "videos": 2, "present": False, "exclude": [], "hidden": False},
+        {"path": kept, "videos": 1, "present": True, "exclude": [], "hidden": False},
     ]
     assert "(2 videos, not found)" in subprocess.run(status, capture_output=True, text=True).stdout
 
@@ -538,6 +585,34 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
         assert lib.stats().folders == [(kept, 1)]
     nothing = subprocess.run(forget, capture_output=True, text=True)
     assert nothing.returncode == 0 and "holds no video under" in nothing.stderr
+
+
+def test_index_without_model_options_uses_the_librarys_model(tmp_path, tiny_files, make_video):
+    make_video("v/a.mp4", seconds=1)
+    library = tmp_path / "lib"
+    assert subprocess.run(ts2_index(tmp_path / "v", library, tiny_files), capture_output=True).returncode == 0
+    with Library.open(library) as lib:
+        record = lib.model_config()
+    make_video("v/b.mp4", seconds=1, texture=True, seed=1)
+    plain = ["index", "--library", str(library), "--device", "cpu", "--json"]  # no folder, no model option
+    for expected in ({"indexed": 1, "torch": True}, {"indexed": 0, "unchanged": 2, "torch": False}):
+        run = subprocess.run([sys.executable, "-c", INDEX_AND_REPORT, *plain], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr  # the default model (ViT-B-32, openai) is not even on this machine
+        summary, imported = run.stdout.rsplit("\n", 2)[:2]
+        assert {**json.loads(summary), "torch": imported == "True"}.items() >= expected.items()
+    named = subprocess.run([sys.executable, "-m", "ts2cli", *plain[:-1], str(tmp_path / "v")], capture_output=True)
+    assert named.returncode == 0, named.stderr  # a folder named, no model option: the library's model too
+    with Library.open(library) as lib:
+        assert lib.model_config() == record and lib.stats().videos_ok == 2
+
+    cli = [sys.executable, "-m", "ts2cli", "index", "--library"]
+    for arguments, message in (
+        ([str(library), "--exclude", "*.mp4"], "--exclude and --hidden go with the folders they apply to"),
+        ([str(tmp_path / "no library")], "No library at"),
+    ):
+        refused = subprocess.run([*cli, *arguments], capture_output=True, text=True)
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "no library").exists()  # naming no folder never creates a library
 
 
 def test_a_damaged_database_is_one_line(tmp_path, tiny_files, make_video):

@@ -173,8 +173,13 @@ def model_command(
 @app.command("index")
 def index_command(
     folders: Annotated[  # str, not Path, for the same reason as LibraryDir
-        list[str], typer.Argument(metavar="FOLDERS", help="Folders (or files) to index, searched recursively.")
-    ],
+        list[str] | None,
+        typer.Argument(
+            metavar="FOLDERS",
+            help="Folders (or files) to index, searched recursively. None: update every folder the library "
+            "covers, each with the --exclude and --hidden it was last indexed with.",
+        ),
+    ] = None,
     library: LibraryDir = None,
     exclude: Annotated[
         list[str], typer.Option("--exclude", metavar="GLOB", help="Skip files or folders matching this glob.")
@@ -200,14 +205,28 @@ def index_command(
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
-    """Index the videos under FOLDERS: new and changed files are embedded, deleted ones removed."""
-    from .indexer import IndexOptions, ModelOnDemand, index_folders, model_request
+    """Index the videos under FOLDERS, or update every folder the library covers: new and changed files are
+    embedded, deleted ones removed."""
+    from .indexer import (
+        IndexOptions,
+        ModelOnDemand,
+        index_folders,
+        library_model,
+        model_request,
+        require_folders,
+    )
     from .progress import IndexProgressBar
     from .report import summary_table
     from .scan import check_roots
     from .store import Library
 
     model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)  # now: it may never be loaded
+    folders = folders or []
+    if not folders and (exclude or hidden):
+        raise Ts2Error(
+            "--exclude and --hidden go with the folders they apply to: name them (without folders, each of the "
+            "library's folders keeps the ones it was indexed with)."
+        )
     try:
         roots = check_roots(folders)
     except Ts2Error as error:
@@ -223,7 +242,7 @@ def index_command(
         commit_every=commit_every,
     )
 
-    def load() -> Any:
+    def load_named() -> Any:  # the model the options name, with defaults for the rest
         from .model import load_model
 
         return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
@@ -235,19 +254,26 @@ def index_command(
             f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
         )
 
-    with Library.open(library, write=True, create=True, wait=wait, on_wait=waiting) as lib:
+    # Naming no folder updates an existing library: it does not create one.
+    with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
-        request = model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat)
-        source = ModelOnDemand(load, request)
+        named = model or pretrained or checkpoint or compat
+        source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(
+            load_named, model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat)
+        )
+        if not roots:
+            require_folders(lib)  # before the model loads
         if rebuild or not source.recorded_in(lib):
             # Loaded before the bar starts: a first use downloads the weights, and the download shows its own
             # progress. Otherwise the model is loaded only if a video needs it.
             source.get()
         with IndexProgressBar(console, enabled=not as_json) as bar:
             summary = index_folders(lib, source, options, bar)
+    for folder, why in summary.skipped_folders:
+        console.print(f"[yellow]note:[/yellow] Skipped {escape(folder)}: {escape(why)}.", soft_wrap=True)
     if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):
         console.print(
-            f"[yellow]note:[/yellow] No video files under {escape(', '.join(map(str, roots)))} (hidden files and "
+            f"[yellow]note:[/yellow] No video files under {escape(', '.join(summary.folders))} (hidden files and "
             "--exclude matches are skipped; ts2 looks for common video extensions such as .mp4, .mkv, .mov).",
             soft_wrap=True,
         )
@@ -268,7 +294,7 @@ def gone_root_hint(library: str | None, folders: list[str]) -> str:
     gone = [folder for folder in folders if folder and not Path(folder).expanduser().exists()]
     try:
         with Library.open(library) as lib:
-            counts = {folder: lib.count_under(stored_form(folder)) for folder in gone}
+            counts = {folder: lib.count_under(stored_form(folder), indexed_only=True) for folder in gone}
     except LibraryError:
         return ""
     held = [folder for folder, count in counts.items() if count]

@@ -32,7 +32,7 @@ from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
-from .scan import check_roots, file_digest, fingerprint, scan_videos
+from .scan import ScanRules, check_roots, file_digest, fingerprint, scan_videos
 from .search import global_vector
 from .store import MODEL_SOURCE_KEY, Library, printable_path, storable_path
 
@@ -45,6 +45,8 @@ if TYPE_CHECKING:  # torch and the model are imported only when a video is to be
 @dataclass(frozen=True)
 class IndexOptions:
     roots: list[Path]
+    """Folders (or files) to index; none: every folder the library covers, each with its recorded rules
+    (``Library.folder_rules``)."""
     exclude: tuple[str, ...] = ()
     include_hidden: bool = False
     batch_size: int | None = None
@@ -70,6 +72,10 @@ class IndexSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     pipeline: PipelineStats = field(default_factory=lambda: PipelineStats())
+    folders: list[str] = field(default_factory=list)
+    """The roots scanned."""
+    skipped_folders: list[tuple[str, str]] = field(default_factory=list)
+    """(root, why) for the library's folders that a run naming no folder could not scan; their videos are kept."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -79,6 +85,8 @@ class IndexSummary:
             "removed": self.removed,
             "failed": len(self.failed),
             "failures": [{"path": p, "reason": r} for p, r in self.failed],
+            "folders": self.folders,
+            "skipped_folders": [{"path": p, "reason": r} for p, r in self.skipped_folders],
             "seconds": round(self.seconds, 3),
             "pipeline": self.pipeline.to_json(),
         }
@@ -284,27 +292,45 @@ def model_request(model: str, pretrained: str | None, checkpoint: Path | None, c
     }
 
 
+def library_model(library: Library, device: str = "auto", precision: str = "auto") -> ModelOnDemand | None:
+    """The library's own model, loaded on demand: what ``ts2 index`` runs when no model option is named (as ``ts2
+    search`` does). Its request is the one the library's record was last loaded from, else its recorded source.
+    None for a library that records no model."""
+    source = (library.model_config() or {}).get(MODEL_SOURCE_KEY)
+    if not source:
+        return None
+
+    def load() -> LoadedModel:
+        from .query import load_library_model
+
+        return load_library_model(library, None, device=device, text_only=False, precision=precision)
+
+    return ModelOnDemand(load, library.loaded_from() or {"library_model": source})
+
+
 def index_folders(
     library: Library, model: LoadedModel | ModelOnDemand, options: IndexOptions, progress: Progress | None = None
 ) -> IndexSummary:
     """Bring the library up to date with the video files under ``options.roots``."""
     started = time.perf_counter()
     progress = progress or Progress()
-    roots = check_roots(options.roots)
+    summary = IndexSummary()
+    rules = _folders_to_scan(library, options, summary)
+    roots = list(rules)
     source = model if isinstance(model, ModelOnDemand) else ModelOnDemand(lambda: model)
     held_before = library.paths() if options.rebuild else set()  # a rebuild forgets them all, other folders' too
     if options.rebuild or not source.recorded_in(library):
         _adopt_model(library, source, options.rebuild, progress)
-    summary = IndexSummary()
     # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
     linked_before, others = library.linked_areas(roots)
     library.begin_scan([*roots, *linked_before])
     progress.scanned(0)
     linked: dict[Path, set[Path]] = {}
-    found = scan_videos(roots, options.exclude, options.include_hidden, linked)
+    found = scan_videos(roots, linked=linked, rules=rules)
     copies: list[_Work] = []
     todo = list(_plan(library, _counted(found, progress), options, summary, copies))
     library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
+    library.remember_rules(rules)
     library.commit()
     if todo and not source.loaded:
         progress.stage("loading the model")
@@ -323,6 +349,43 @@ def index_folders(
     return summary
 
 
+def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSummary) -> dict[Path, ScanRules]:
+    """The roots to scan, each with its rules: the named ones with the run's, else the library's own folders with
+    those they were last scanned with. A folder of the library that is not there now (an unplugged drive) or whose
+    rules were never recorded is left alone, its videos kept, and listed in ``summary.skipped_folders``."""
+    if options.roots:
+        named = ScanRules(tuple(options.exclude), options.include_hidden)
+        rules = dict.fromkeys(check_roots(options.roots), named)
+    else:
+        recorded = require_folders(library)
+        rules = {root: rule for root, rule in recorded.items() if rule is not None and root.exists()}
+        summary.skipped_folders = [(str(root), _why_skipped(root)) for root in recorded if root not in rules]
+        skipped = ", ".join(f"{root} ({why.split(';')[0]})" for root, why in summary.skipped_folders)
+        if options.rebuild and skipped:  # a rebuild forgets every video, theirs too: the user must choose
+            raise Ts2Error(
+                f"--rebuild would forget the videos of {skipped}; "
+                "name the folders to rebuild, or `ts2 forget` the ones you no longer want first."
+            )
+        if not rules:
+            raise Ts2Error(f"None of the library's folders can be updated: {skipped}.")
+    summary.folders = [str(root) for root in rules]
+    return rules
+
+
+def _why_skipped(root: Path) -> str:
+    if not root.exists():
+        return f"not there now; its videos are kept (`ts2 forget {root}` removes them)"
+    return "indexed by an older ts2, which did not record its --exclude and --hidden; index it once by name"
+
+
+def require_folders(library: Library) -> dict[Path, ScanRules | None]:
+    """The library's folders and their rules (``Library.folder_rules``); Ts2Error if it covers none."""
+    recorded = library.folder_rules()
+    if not recorded:
+        raise Ts2Error("The library covers no folder yet: name one to index, e.g. ts2 index ~/Videos.")
+    return recorded
+
+
 def forget(library: Library, places: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Remove the videos (and failed files) at or under ``places`` from the library, whether or not they still
     exist (a deleted folder cannot be indexed again to sweep it); the files are not touched. Returns the paths
@@ -330,7 +393,7 @@ def forget(library: Library, places: Iterable[str | os.PathLike[str]]) -> list[s
     where = [stored_form(place) for place in places]
     library.begin_scan(where)  # every row under them unseen, then swept
     removed = library.sweep_unseen(where)
-    library.forget_links_of(where)
+    library.forget_roots(where)
     library.commit()
     library.save_ann()
     return removed

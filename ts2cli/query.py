@@ -24,9 +24,17 @@ class TextModel(Protocol):
 
 
 def load_library_model(
-    library: Library, options: ModelOptions | None, *, device: str = "auto", text_only: bool = True
+    library: Library,
+    options: ModelOptions | None,
+    *,
+    device: str = "auto",
+    text_only: bool = True,
+    precision: str = "auto",
 ) -> LoadedModel:
-    """The library's own model (from its recorded source), or ``options`` if given and the same model."""
+    """The library's own model (from its recorded source, run at ``precision``), or ``options`` if given and the
+    same model."""
+    from dataclasses import replace
+
     import torch
 
     from .model import load_model
@@ -37,7 +45,7 @@ def load_library_model(
     if options is None:
         if MODEL_SOURCE_KEY not in stored:
             raise LibraryError("The library does not record its model; pass --model/--pretrained/--checkpoint.")
-        options = options_from_source(stored[MODEL_SOURCE_KEY], device)
+        options = replace(options_from_source(stored[MODEL_SOURCE_KEY], device), precision=precision)
     if text_only:
         # One 32-token query is too small to split: on the shared 2-core test machine one thread encoded it in
         # 182 ms (median) against 657 ms with two (benchmarks/search_bench.py).

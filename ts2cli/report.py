@@ -82,9 +82,18 @@ def status_json(stats: Any) -> dict[str, Any]:
         "schema_version": stats.schema_version,
         "duration": round(stats.video_seconds, 1),
         "last_indexed": _iso_utc(stats.last_indexed),
-        "folders": [
-            {"path": root, "videos": videos, "present": os.path.exists(root)} for root, videos in stats.folders
-        ],
+        "folders": [_folder_json(root, videos, stats.folder_rules.get(root)) for root, videos in stats.folders],
+    }
+
+
+def _folder_json(root: str, videos: int, rules: Any) -> dict[str, Any]:
+    """A folder of ``ts2 status --json``; ``exclude`` and ``hidden`` are null when its rules were not recorded."""
+    return {
+        "path": root,
+        "videos": videos,
+        "present": os.path.exists(root),
+        "exclude": list(rules.exclude) if rules else None,
+        "hidden": rules.include_hidden if rules else None,
     }
 
 
@@ -121,9 +130,12 @@ def status_table(status: dict[str, Any]) -> Table:
     if len(status["failed"]) > 20:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
     for number, folder in enumerate(status["folders"]):
-        gone = "" if folder["present"] else ", [yellow]not found[/yellow]"
         videos = f"{folder['videos']:,} video{'' if folder['videos'] == 1 else 's'}"
-        table.add_row("folders" if number == 0 else "", f"{escape(folder['path'])} ({videos}{gone})")
+        rules = [f"excluding {escape(' '.join(folder['exclude']))}"] if folder["exclude"] else []
+        rules += ["hidden files too"] if folder["hidden"] else []
+        gone = [] if folder["present"] else ["[yellow]not found[/yellow]"]
+        details = ", ".join([videos, *gone, *rules])
+        table.add_row("folders" if number == 0 else "", f"{escape(folder['path'])} ({details})")
     table.add_row("size", decimal(status["bytes"]))
     if status["last_indexed"]:
         local = datetime.fromisoformat(status["last_indexed"]).astimezone()

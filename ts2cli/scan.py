@@ -10,7 +10,8 @@ import contextlib
 import fnmatch
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ts2cli.errors import Ts2Error
@@ -58,6 +59,14 @@ VIDEO_EXTENSIONS = frozenset(
 FINGERPRINT_CHUNK = 64 * 1024
 
 
+@dataclass(frozen=True)
+class ScanRules:
+    """Which files under a root count: ``ts2 index``'s ``--exclude`` globs and ``--hidden``."""
+
+    exclude: tuple[str, ...] = ()
+    include_hidden: bool = False
+
+
 def is_video_file(path: Path | str) -> bool:
     """True when the name has a video extension (case-insensitive); the content is not checked."""
     return os.path.splitext(str(path))[1].lower() in VIDEO_EXTENSIONS
@@ -83,32 +92,35 @@ def scan_videos(
     exclude: Sequence[str] = (),
     include_hidden: bool = False,
     linked: dict[Path, set[Path]] | None = None,
+    *,
+    rules: Mapping[Path, ScanRules] | None = None,
 ) -> Iterator[Path]:
     """Video files under ``roots``, each once, as absolute resolved paths, in sorted order per root.
 
     A root may be a folder (walked recursively) or a single file (yielded if it has a video extension).
     ``exclude`` holds glob patterns matched against each file or folder name and against its path relative
     to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
-    Hidden names (leading '.') are skipped unless ``include_hidden``. Unreadable folders are skipped.
+    Hidden names (leading '.') are skipped unless ``include_hidden``. ``rules`` gives a (resolved) root rules of
+    its own instead of ``exclude`` and ``include_hidden``. Unreadable folders are skipped.
     ``linked``, when given, receives per (resolved) root the real folders and files outside it that symlinks
     led to.
     Missing roots raise Ts2Error at the call, before anything is yielded.
     """
-    return _walk_roots(check_roots(roots), tuple(exclude), include_hidden, linked)
+    default = ScanRules(tuple(exclude), include_hidden)
+    checked = check_roots(roots)
+    return _walk_roots([(root, (rules or {}).get(root, default)) for root in checked], linked)
 
 
-def _walk_roots(
-    roots: list[Path], exclude: tuple[str, ...], include_hidden: bool, linked: dict[Path, set[Path]] | None
-) -> Iterator[Path]:
+def _walk_roots(roots: list[tuple[Path, ScanRules]], linked: dict[Path, set[Path]] | None) -> Iterator[Path]:
     seen_files: set[Path] = set()
-    for root in roots:
+    for root, rules in roots:
         outside = linked.setdefault(root, set()) if linked is not None else None
         if root.is_dir():
             # (st_dev, st_ino) of the real folders walked, per root: a folder two roots reach is walked for both,
             # so that each root learns where the links inside it lead (files are yielded once all the same).
             seen_dirs: set[tuple[int, int]] = set()
-            candidates: Iterator[Path] = _walk_dir(root, exclude, include_hidden, seen_dirs, outside)
-        elif is_video_file(root) and not _excluded(root.name, root.name, exclude):
+            candidates: Iterator[Path] = _walk_dir(root, rules.exclude, rules.include_hidden, seen_dirs, outside)
+        elif is_video_file(root) and not _excluded(root.name, root.name, rules.exclude):
             candidates = iter([root])
         else:
             continue

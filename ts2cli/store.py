@@ -33,6 +33,7 @@ import numpy.typing as npt
 import platformdirs
 
 from ts2cli.errors import LibraryError, one_line
+from ts2cli.scan import ScanRules
 from ts2cli.stopping import stop_signals_held
 
 SCHEMA_VERSION = 1
@@ -103,6 +104,8 @@ class LibraryStats:
     """When a video row was last written (seconds since the epoch); None for an empty library."""
     folders: list[tuple[str, int]] = field(default_factory=list)
     """The roots ``ts2 index`` has scanned (folders or single files), sorted, with their indexed videos."""
+    folder_rules: dict[str, ScanRules | None] = field(default_factory=dict)
+    """Per root of ``folders``, the rules it was last scanned with (``Library.folder_rules``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +390,9 @@ class Library:
         with self._write_step():
             self._conn.execute("DELETE FROM features")
             self._conn.execute("DELETE FROM videos")
-            self._set_meta("linked_folders", "{}")  # no root holds a video now; a scan records its root again
+            # no root holds a video now; a scan records its root (and its rules) again
+            self._set_meta("linked_folders", "{}")
+            self._set_meta("folder_rules", "{}")
             self._set_meta("model", _canonical_json(config))
             self._pending.clear()
             self._pending_reset = True
@@ -429,13 +434,36 @@ class Library:
         status = "status = 'ok' AND " if indexed_only else ""
         return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {status}({where})", args).fetchone()[0])
 
-    def forget_links_of(self, roots: Sequence[str | os.PathLike[str]]) -> None:
-        """Stop answering for what the symlinks under ``roots`` led to (see ``remember_links``)."""
-        links = self._links()
+    def forget_roots(self, roots: Sequence[str | os.PathLike[str]]) -> None:
+        """Take ``roots`` off the folders the library covers: their links (see ``remember_links``) and rules."""
+        links, rules = self._links(), self._rules()
         for root in roots:
             links.pop(os.fspath(root), None)
+            rules.pop(os.fspath(root), None)
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
+            self._set_meta("folder_rules", json.dumps(rules, sort_keys=True))
+
+    def remember_rules(self, rules: dict[Path, ScanRules]) -> None:
+        """Record which files each scanned root counts, so that a ``ts2 index`` naming no folder scans it alike."""
+        recorded = self._rules()
+        for root, rule in rules.items():
+            recorded[str(root)] = {"exclude": list(rule.exclude), "hidden": rule.include_hidden}
+        with self._write_step():
+            self._set_meta("folder_rules", json.dumps(recorded, sort_keys=True))
+
+    def folder_rules(self) -> dict[Path, ScanRules | None]:
+        """The roots the library covers (as ``stats().folders``), sorted, each with the rules it was last scanned
+        with; None for a root scanned by a ts2 that did not record them."""
+        recorded = self._rules()
+        return {Path(root): _rules_from_json(recorded.get(root)) for root in sorted(self._links())}
+
+    def _rules(self) -> dict[str, Any]:
+        try:
+            rules = json.loads(self._meta("folder_rules") or "{}")
+        except ValueError:
+            return {}
+        return rules if isinstance(rules, dict) else {}
 
     def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Mark every video under ``roots`` unseen; the scan then marks what it finds (mark_seen/put_*)."""
@@ -993,7 +1021,8 @@ class Library:
             dim = self._library_dim()
             generation = self._generation().number
             version = self._schema_version() or SCHEMA_VERSION
-            folders = [(root, self.count_under(root, indexed_only=True)) for root in sorted(self._links())]
+            rules = {str(root): rule for root, rule in self.folder_rules().items()}
+            folders = [(root, self.count_under(root, indexed_only=True)) for root in rules]
         return LibraryStats(
             directory=self.directory,
             videos_ok=counts.get("ok", 0),
@@ -1007,10 +1036,21 @@ class Library:
             video_seconds=float(video_seconds),
             last_indexed=last_indexed,
             folders=folders,
+            folder_rules=rules,
         )
 
 
 # ---------------------------------------------------------------------- helpers: SQLite
+
+
+def _rules_from_json(value: Any) -> ScanRules | None:
+    """A root's recorded rules; None when missing or not in the form ``remember_rules`` writes."""
+    if not isinstance(value, dict):
+        return None
+    exclude, hidden = value.get("exclude"), value.get("hidden")
+    if not (isinstance(exclude, list) and all(isinstance(glob, str) for glob in exclude) and isinstance(hidden, bool)):
+        return None
+    return ScanRules(tuple(exclude), hidden)
 
 
 def _connect(db_path: Path, *, create: bool, write: bool) -> sqlite3.Connection:
