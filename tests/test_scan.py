@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from ts2cli.errors import Ts2Error
-from ts2cli.scan import VIDEO_EXTENSIONS, check_roots, file_digest, fingerprint, is_video_file, scan_videos
+from ts2cli.scan import (
+    VIDEO_EXTENSIONS,
+    ScanRules,
+    check_roots,
+    file_digest,
+    fingerprint,
+    is_video_file,
+    scan_videos,
+)
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -62,6 +70,20 @@ def test_exclude_by_name_and_relative_path(tmp_path: Path) -> None:
         "render.tmp.mp4",
         "final/drafts.mp4",
     ]
+
+
+def test_each_root_may_have_rules_of_its_own(tmp_path: Path) -> None:
+    for name in ("a/keep.mp4", "a/drafts/d.mp4", "a/.h/h.mp4", "b/keep.mp4", "b/drafts/d.mp4", "b/.h/h.mp4"):
+        touch(tmp_path / name)
+    (tmp_path / "b link").symlink_to(tmp_path / "b")  # a root recorded by a name that resolves elsewhere
+    rules = {(tmp_path / "a").resolve(): ScanRules(("drafts/*",), True), tmp_path / "b link": ScanRules((), True)}
+    found = scan_videos([tmp_path / "a", tmp_path / "b link"], exclude=("h.mp4",), rules=rules)
+    assert names(list(found), tmp_path) == ["a/keep.mp4", "a/.h/h.mp4", "b/keep.mp4", "b/.h/h.mp4", "b/drafts/d.mp4"]
+    (tmp_path / "c").mkdir()
+    touch(tmp_path / "c" / "h.mp4")
+    touch(tmp_path / "c" / "other.mp4")
+    unruled = scan_videos([tmp_path / "c"], exclude=("h.mp4",), rules=rules)  # the run's own rules
+    assert names(list(unruled), tmp_path) == ["c/other.mp4"]
 
 
 def test_root_may_be_a_single_file(tmp_path: Path) -> None:

@@ -106,9 +106,12 @@ def scan_videos(
     led to.
     Missing roots raise Ts2Error at the call, before anything is yielded.
     """
-    default = ScanRules(tuple(exclude), include_hidden)
+    default, rules = ScanRules(tuple(exclude), include_hidden), rules or {}
     checked = check_roots(roots)
-    return _walk_roots([(root, (rules or {}).get(root, default)) for root in checked], linked)
+    # A root's rules are looked up by the name given too: a recorded root that is a symlink now resolves elsewhere.
+    pairs = zip(roots, checked, strict=True)
+    ruled = [(root, rules.get(Path(given), rules.get(root, default))) for given, root in pairs]
+    return _walk_roots(ruled, linked)
 
 
 def _walk_roots(roots: list[tuple[Path, ScanRules]], linked: dict[Path, set[Path]] | None) -> Iterator[Path]:
