@@ -228,8 +228,17 @@ def test_an_unknown_model_name_suggests_clip_vits_that_load():
         assert suggested in names
         for name in names:
             base_model_config(name)  # each one is a plain CLIP ViT that TS2-Net accepts
-    with pytest.raises(Ts2Error, match="not a plain CLIP ViT"):
-        base_model_config("ViT-B-16-SigLIP")
+    for not_a_vit in ("ViT-B-16-SigLIP", "RN50"):
+        with pytest.raises(Ts2Error, match="not a plain CLIP ViT"):
+            base_model_config(not_a_vit)
+
+
+def test_a_resnet_config_file_is_refused_in_one_line():
+    from ts2cli.errors import Ts2Error
+
+    resnet = {**TINY_CLIP, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}
+    with pytest.raises(Ts2Error, match="needs a CLIP ViT backbone with a class token"):
+        load_model(ModelOptions(pretrained=None, backbone_cfg=resnet, device="cpu"))
 
 
 def test_more_frames_than_the_temporal_transformer_has_positions_for_is_refused_up_front(tmp_path):

@@ -54,7 +54,8 @@ def _plain_vit(cfg: dict[str, Any] | None) -> bool:
     if not cfg:
         return False
     vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    return not ("timm_model_name" in vision or "hf_model_name" in text or cfg.get("custom_text"))
+    resnet = isinstance(vision.get("layers"), list | tuple)  # blocks per stage: CLIP's modified ResNets (RN50...)
+    return not (resnet or "timm_model_name" in vision or "hf_model_name" in text or cfg.get("custom_text"))
 
 
 def read_model_config(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import Ts2Error
 from .token_shift import shift_index_sets, shifted_block_forward
 
 
@@ -13,9 +14,9 @@ def check_visual_tower(visual: nn.Module) -> None:
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
     missing = [name for name in needed if getattr(visual, name, None) is None]
     if missing or getattr(visual, "attn_pool", None) is not None:
-        raise ValueError("TS2-Net needs a CLIP ViT backbone with a class token (e.g. ViT-B-32 or ViT-B-16)")
+        raise Ts2Error("TS2-Net needs a CLIP ViT backbone with a class token (e.g. ViT-B-32 or ViT-B-16).")
     if not getattr(visual.transformer, "batch_first", False):
-        raise ValueError("this open_clip version runs ViT blocks sequence-first; ts2 needs open_clip >= 2.26")
+        raise Ts2Error("This open_clip version runs ViT blocks sequence-first; ts2 needs open_clip >= 2.26.")
 
 
 def encode_frame_tokens(
