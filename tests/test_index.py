@@ -18,7 +18,15 @@ import torch
 from tiny_models import TINY_CLIP, tiny_net
 
 from ts2cli.errors import LibraryError, Ts2Error
-from ts2cli.indexer import KEYFRAME_SNAP, IndexOptions, ModelOnDemand, Progress, index_folders, model_request
+from ts2cli.indexer import (
+    KEYFRAME_SNAP,
+    IndexOptions,
+    ModelOnDemand,
+    Progress,
+    forget,
+    index_folders,
+    model_request,
+)
 from ts2cli.model import ModelOptions, load_model
 from ts2cli.scan import ScanRules
 from ts2cli.store import Library
@@ -734,6 +742,39 @@ def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path,
 
 def names_under(library, folder) -> list[str]:
     return sorted(Path(row.path).name for row in library.videos(library.ids_under(folder)).values())
+
+
+def test_a_folder_indexed_by_name_inside_another_keeps_what_the_outer_rules_skip(tmp_path, make_video, library, model):
+    for seed, name in enumerate(("v/a.mp4", "v/.private/p1.mp4", "v/.private/p2.mp4", "v/drafts/d.mp4")):
+        make_video(name, seconds=1, texture=True, seed=seed)
+    index(library, model, tmp_path / "v" / ".private")
+    index(library, model, tmp_path / "v" / "drafts")
+    outer = index(library, model, tmp_path / "v", exclude=("drafts",))  # hidden files skipped, drafts excluded
+    assert (outer.indexed, outer.unchanged, outer.removed) == (1, 0, 0)
+    assert names_under(library, tmp_path) == ["a.mp4", "d.mp4", "p1.mp4", "p2.mp4"]
+    (tmp_path / "v" / ".private" / "p2.mp4").unlink()
+    assert index(library, model, tmp_path / "v", exclude=("drafts",)).removed == 1  # a file that is gone still goes
+    folders = dict(library.stats().folders)
+    assert [folders[str((tmp_path / "v" / name).resolve())] for name in (".private", "drafts", "")] == [1, 1, 3]
+
+    assert forget(library, [tmp_path / "v"]) == sorted(
+        str((tmp_path / "v" / name).resolve()) for name in ("a.mp4", ".private/p1.mp4", "drafts/d.mp4")
+    )
+    assert library.stats().folders == []  # the folders inside it are off the list too
+
+
+def test_forgetting_a_folder_forgets_what_its_links_brought_in(tmp_path, make_video, library, model):
+    for seed, name in enumerate(("elsewhere/e1.mp4", "elsewhere/e2.mp4", "other/o.mp4", "root/own.mp4")):
+        make_video(name, seconds=1, texture=True, seed=seed)
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "root" / "other").symlink_to(tmp_path / "other", target_is_directory=True)
+    index(library, model, tmp_path / "other")
+    index(library, model, tmp_path / "root")
+    root = str((tmp_path / "root").resolve())
+    assert dict(library.stats().folders)[root] == 4  # its own video, and the three its links lead to
+    removed = forget(library, [tmp_path / "root"])
+    assert [Path(path).name for path in removed] == ["e1.mp4", "e2.mp4", "own.mp4"]
+    assert names_under(library, tmp_path) == ["o.mp4"]  # another root covers it
 
 
 def test_a_checkpoint_with_broken_weights_stops_the_run_in_one_line(tmp_path, make_video, library):

@@ -340,6 +340,9 @@ def index_folders(
         _embed_all(library, source.get(), todo, options, summary, progress)
     if orphans := _take_from_originals(library, copies, summary):
         _embed_all(library, source.get(), orphans, options, summary, progress)
+    # A file still there under another root of the library that these roots' rules skip (a hidden or excluded
+    # folder indexed by name) is that root's to keep: only a scan of that root removes it.
+    library.keep_present(others)
     removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
@@ -391,8 +394,11 @@ def forget(library: Library, places: Iterable[str | os.PathLike[str]]) -> list[s
     exist (a deleted folder cannot be indexed again to sweep it); the files are not touched. Returns the paths
     removed, sorted."""
     where = [stored_form(place) for place in places]
-    library.begin_scan(where)  # every row under them unseen, then swept
-    removed = library.sweep_unseen(where)
+    # and what the symlinks of the roots among them led to, but for what the library's other roots cover
+    roots = [root for root in library.folder_rules() if any(root.is_relative_to(place) for place in where)]
+    linked, others = library.linked_areas(roots)
+    library.begin_scan([*where, *linked])  # every row under them unseen, then swept
+    removed = sorted(library.sweep_unseen(where) + library.sweep_unseen(linked, spare=others))
     library.forget_roots(where)
     library.commit()
     library.save_ann()

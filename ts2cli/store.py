@@ -428,18 +428,28 @@ class Library:
             return {}  # nothing outside the roots is swept until each root's next scan records its links again
         return links if isinstance(links, dict) else {}
 
-    def count_under(self, place: str | os.PathLike[str], *, indexed_only: bool = False) -> int:
-        """How many rows (videos and failed files, or only the indexed videos) lie at or under ``place``."""
-        where, args = _under_root(place)
+    def count_under(
+        self, place: str | os.PathLike[str], *, indexed_only: bool = False, also: Sequence[str | os.PathLike[str]] = ()
+    ) -> int:
+        """How many rows (videos and failed files, or only the indexed videos) lie at or under ``place``, or under
+        one of the places ``also`` names (each row counted once)."""
+        conditions = [_under_root(one) for one in (place, *also)]
+        where = " OR ".join(f"({condition})" for condition, _ in conditions)
+        args = [arg for _, condition_args in conditions for arg in condition_args]
         status = "status = 'ok' AND " if indexed_only else ""
         return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {status}({where})", args).fetchone()[0])
 
-    def forget_roots(self, roots: Sequence[str | os.PathLike[str]]) -> None:
-        """Take ``roots`` off the folders the library covers: their links (see ``remember_links``) and rules."""
+    def links_of(self, root: str | os.PathLike[str]) -> list[Path]:
+        """The folders and files outside ``root`` that its symlinks led to at its last scan (``remember_links``)."""
+        return [Path(place) for place in self._links().get(os.fspath(root), [])]
+
+    def forget_roots(self, places: Sequence[str | os.PathLike[str]]) -> None:
+        """Take the roots at or under ``places`` off the folders the library covers: their links (see
+        ``remember_links``) and rules."""
         links, rules = self._links(), self._rules()
-        for root in roots:
-            links.pop(os.fspath(root), None)
-            rules.pop(os.fspath(root), None)
+        for root in [root for root in links.keys() | rules.keys() if any(_at_or_under(root, p) for p in places)]:
+            links.pop(root, None)
+            rules.pop(root, None)
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
             self._set_meta("folder_rules", json.dumps(rules, sort_keys=True))
@@ -475,6 +485,16 @@ class Library:
     def mark_seen(self, video_id: int) -> None:
         with self._write_step():
             self._conn.execute("UPDATE videos SET seen = 1 WHERE id = ?", (video_id,))
+
+    def keep_present(self, places: Sequence[str | os.PathLike[str]]) -> None:
+        """Mark seen the unseen rows under ``places`` whose files are still there, so that a sweep leaves them."""
+        present = []
+        for place in places:
+            where, args = _under_root(place)
+            rows = self._conn.execute(f"SELECT id, path FROM videos WHERE seen = 0 AND ({where})", args).fetchall()
+            present += [(video_id,) for video_id, path in rows if os.path.lexists(path)]
+        with self._write_step():
+            self._conn.executemany("UPDATE videos SET seen = 1 WHERE id = ?", present)
 
     def sweep_unseen(
         self, roots: Sequence[str | os.PathLike[str]], *, spare: Sequence[str | os.PathLike[str]] = ()
@@ -1022,7 +1042,7 @@ class Library:
             generation = self._generation().number
             version = self._schema_version() or SCHEMA_VERSION
             rules = {str(root): rule for root, rule in self.folder_rules().items()}
-            folders = [(root, self.count_under(root, indexed_only=True)) for root in rules]
+            folders = [(root, self.count_under(root, indexed_only=True, also=self.links_of(root))) for root in rules]
         return LibraryStats(
             directory=self.directory,
             videos_ok=counts.get("ok", 0),
@@ -1130,6 +1150,10 @@ def _under_root(root: str | os.PathLike[str]) -> tuple[str, list[str]]:
     base = _norm_path(root).rstrip(os.sep)
     low, high = base + os.sep, base + chr(ord(os.sep) + 1)
     return "(path >= ? AND path < ?) OR path = ?", [low, high, base or os.sep]
+
+
+def _at_or_under(path: str | os.PathLike[str], place: str | os.PathLike[str]) -> bool:
+    return Path(_norm_path(path)).is_relative_to(_norm_path(place))
 
 
 def _video_row(row: Sequence[Any]) -> VideoRow:
