@@ -591,8 +591,9 @@ def test_a_folder_that_is_gone_is_forgotten_on_request(tmp_path, tiny_files, mak
         assert lib.get_by_path(str((tmp_path / "videos" / "kept" / "a.mp4").resolve())) is not None
         assert str((tmp_path / "videos" / "gone").resolve()) not in lib._links()
         assert lib.stats().folders == [(kept, 1)]
-    nothing = subprocess.run(forget, capture_output=True, text=True)
+    nothing = subprocess.run([*forget, "--library", str(library), "x" * 100], capture_output=True, text=True)
     assert nothing.returncode == 0 and "holds no video under" in nothing.stderr
+    assert len(nothing.stderr.splitlines()) == 1  # a note to a pipe or a log file is not folded at 80 columns
 
 
 def test_index_without_model_options_uses_the_librarys_model(tmp_path, tiny_files, make_video):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -199,6 +200,9 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
     nowhere = run_ts2("search", "a cat", "--library", library, "--in", str(tmp_path / "elsewhere"), "--json")
     assert nowhere.returncode == 0 and json.loads(nowhere.stdout)["results"] == []
     assert f"No indexed videos under {tmp_path / 'elsewhere'}" in nowhere.stderr
+    at_home = {**os.environ, "HOME": str(tmp_path)}
+    home = run_ts2("search", "a cat", "--library", library, "--in", "~/elsewhere", env=at_home)
+    assert f"No indexed videos under {tmp_path / 'elsewhere'}" in home.stderr  # ~ quoted past the shell, too
     too_high = run_ts2("search", "a cat", "--library", library, "--min-score", "2", "--paths")
     assert too_high.returncode == 0 and too_high.stdout == "" and "No video scored 2 or more" in too_high.stderr
 
@@ -215,6 +219,8 @@ def test_command_line_json_paths_and_errors(built, tmp_path):
         ((), "give a query or --like VIDEO"),
         (("x", "--json", "--paths"), "Invalid value for '--paths': give one of --json, --paths and --print0"),
         (("x", "--min-score", "nan"), "Invalid value for '--min-score': must be a number"),
+        (("x", "--in", ""), "Invalid value for '--in': an empty name was given"),  # not the current folder
+        (("--like", ""), "Invalid value for '--like': an empty name was given"),
     ):
         misused = run_ts2("search", *args, "--library", library)
         errors = [line for line in misused.stderr.splitlines() if line.startswith("Error: ")]

@@ -48,8 +48,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 UNFOLDED_WIDTH = 4096
-console = Console(stderr=True, highlight=False)
-"""Progress, notes and errors: what is said to the person, apart from the command's answer."""
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else UNFOLDED_WIDTH)
+"""Progress, notes and errors: what is said to the person, apart from the command's answer. Written to a log file
+or a pipe, a line is not folded (a path cut in two cannot be found with grep)."""
 # The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
 # or redirected, rows are not folded to a terminal's width (rich's default 80, or an exported COLUMNS).
 output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDED_WIDTH)
@@ -355,13 +356,13 @@ def search_command(
         typer.Argument(metavar="QUERY", help="What happens in the video you are looking for (quotes optional)."),
     ] = None,
     like: Annotated[
-        Path | None, typer.Option("--like", metavar="VIDEO", help="Find videos similar to this video file.")
+        str | None, typer.Option("--like", metavar="VIDEO", help="Find videos similar to this video file.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, help="Number of results.")] = 10,
     candidates: Annotated[
         int, typer.Option("--candidates", metavar="N", min=1, help="ANN candidates re-ranked exactly.")
     ] = 300,
-    within: Annotated[Path | None, typer.Option("--in", metavar="DIR", help="Only videos under this folder.")] = None,
+    within: Annotated[str | None, typer.Option("--in", metavar="DIR", help="Only videos under this folder.")] = None,
     min_score: Annotated[
         float | None, typer.Option("--min-score", metavar="X", help="Drop results scoring below this.")
     ] = None,
@@ -398,7 +399,8 @@ def search_command(
         raise typer.BadParameter("give one of --json, --paths and --print0", param_hint="'--paths'")
     if min_score is not None and math.isnan(min_score):
         raise typer.BadParameter("must be a number", param_hint="'--min-score'")
-    options = SearchOptions(limit=limit, candidates=candidates, within=within, min_score=min_score)
+    like_file, folder = _named_path(like, "--like"), _named_path(within, "--in")
+    options = SearchOptions(limit=limit, candidates=candidates, within=folder, min_score=min_score)
     with Library.open(library) as lib:
         require_searchable(lib)
         chosen = None
@@ -408,7 +410,7 @@ def search_command(
             model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
             named = model_options(model, None, None, device, "fixed") if model else None
             chosen = search_model_options(lib, device, model=named, pretrained=pretrained, checkpoint=checkpoint)
-        query_text, vector, exclude, notes, identity = _query_vector(lib, query, like, chosen, device)
+        query_text, vector, exclude, notes, identity = _query_vector(lib, query, like_file, chosen, device)
         hits = rank(lib, vector, options, eps=library_eps(lib), exclude=exclude)
         if not hits and (reason := why_nothing_matched(lib, options)):
             notes.append(reason)
@@ -431,6 +433,16 @@ def search_command(
             raise Ts2Error(f"Cannot open {top}: it is no longer there (moved or deleted).")
         open_at(top, hits[0].moment.start)
     _state["fast_exit"] = True  # read-only and done: nothing is left for the interpreter's teardown to finish
+
+
+def _named_path(value: str | None, option: str) -> Path | None:
+    """A path option as given (``~`` expanded, also when quoted); an empty one (an unset variable) is a usage
+    error, not the current folder."""
+    if value is None:
+        return None
+    if not value:
+        raise typer.BadParameter("an empty name was given", param_hint=f"'{option}'")
+    return Path(value).expanduser()
 
 
 def _query_vector(lib, query, like, chosen, device):
