@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from tiny_models import TINY_CLIP, tiny_net
@@ -77,6 +78,12 @@ def test_model_report_says_zero_shot(tmp_path):
     assert report["trained"] is None  # CLIP weights: nothing trained by ts2
     pinned = run_ts2("model", "--model", str(config), "--pretrained", str(weights), "--precision", "float32", "--json")
     assert json.loads(pinned.stdout)["dtype"] == "float32"  # nothing left to decide
+    if Path("/dev/full").exists():  # an answer that cannot be written (stdout to a full disk) is one line too
+        with open("/dev/full", "w") as full:
+            command = [sys.executable, "-m", "ts2cli", "model", "--model", str(config), "--pretrained", str(weights)]
+            unwritten = subprocess.run([*command, "--json"], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert unwritten.returncode == 1, unwritten.stderr
+        assert unwritten.stderr == "error: No space left on device (writing the output).\n"
 
 
 def test_missing_weights_is_one_line_and_non_zero(tmp_path):
@@ -105,3 +112,27 @@ def test_weights_are_read_by_content_and_other_files_are_named(tmp_path):
             failed.stderr.strip()
             == f"error: {tmp_path / name} is not a weights file (neither safetensors nor a PyTorch file)."
         )
+
+
+CTRL_C_WHILE_LOADING = """
+import os, signal, sys
+
+
+class CtrlCWhileLoading:  # a real SIGINT, delivered while ts2's modules are being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, CtrlCWhileLoading())
+sys.argv = ["ts2", "status"]
+from ts2cli.launch import main
+
+main()
+"""
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line():
+    run = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_LOADING], capture_output=True, text=True)
+    assert run.returncode == 130 and run.stderr == "Interrupted.\n", run.stderr

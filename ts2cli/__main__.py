@@ -1,3 +1,3 @@
-from ts2cli.cli import main
+from ts2cli.launch import main
 
 main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -488,7 +489,16 @@ def _run() -> None:
     except OSError as error:
         if _caused_by_interrupt(error):  # writing "Aborted!" to a terminal that SIGHUP says is gone
             _interrupted()
-        raise
+        if _state["debug"]:
+            raise
+        # What the library code did not already put in words; most often the answer could not be written (stdout
+        # to a full disk). The command's work itself is committed as it goes.
+        if error.filename:
+            where = f" ({error.filename})"
+        else:
+            where = " (writing the output)" if error.errno in (errno.ENOSPC, errno.EIO) else ""
+        console.print(f"[red]error:[/red] {escape(error.strerror or str(error))}{escape(where)}.", soft_wrap=True)
+        sys.exit(1)
     except sqlite3.DatabaseError as error:  # found mid-command: opening a library checks only what it reads
         if _state["debug"]:
             raise
