@@ -704,11 +704,13 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
     assert status_lines[failed_at + 1].startswith(str(broken))  # each failure under the count it belongs to
     assert str(video) in found.stdout
     # --json: a count, and the failures as `ts2 status --json` lists them (docs/cli.md), also for unchanged ones
-    again = json.loads(
-        subprocess.run([*ts2_index(folder, library, tiny_files), "--json"], capture_output=True, env=environment).stdout
-    )
+    rerun = subprocess.run([*ts2_index(folder, library, tiny_files), "--json"], capture_output=True, env=environment)
+    again = json.loads(rerun.stdout)
     reason = {"path": str(broken), "reason": "not a video file or unsupported format (or the file is damaged)"}
-    assert again["failed"] == 1 and again["failures"] == [reason]
+    assert again["failed"] == 1 and again["failures"] == [reason] and again["failed_unchanged"] == 1
+    assert b"1 of the failures is a file that failed before" in rerun.stderr and b"--retry-failed" in rerun.stderr
+    retried = subprocess.run([*ts2_index(folder, library, tiny_files), "--json", "--retry-failed"], capture_output=True)
+    assert json.loads(retried.stdout)["failed_unchanged"] == 0 and b"failed before" not in retried.stderr
     assert json.loads(ts2("status", "--json", "--library", str(library)).stdout)["failed"] == [reason]
     missing = ts2("status", "--library", str(tmp_path / "x[/red]"))
     assert missing.returncode == 1 and f"No library at {tmp_path / 'x[/red]'}" in missing.stderr, missing.stderr

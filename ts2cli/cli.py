@@ -271,6 +271,13 @@ def index_command(
             source.get()
         with IndexProgressBar(console, enabled=not as_json) as bar:
             summary = index_folders(lib, source, options, bar)
+    if earlier := summary.failed_unchanged:
+        console.print(
+            f"[yellow]note:[/yellow] {earlier} of the failures {'is a file' if earlier == 1 else 'are files'} that "
+            "failed before and did not change since, not tried again: --retry-failed tries again (e.g. after fixing "
+            "permissions).",
+            soft_wrap=True,
+        )
     for folder, why in summary.skipped_folders:
         console.print(f"[yellow]note:[/yellow] Skipped {escape(folder)}: {escape(why)}.", soft_wrap=True)
     if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):

@@ -70,6 +70,8 @@ class IndexSummary:
     moved: int = 0
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    failed_unchanged: int = 0
+    """Of ``failed``, the files that failed before and have not changed since (not tried again)."""
     seconds: float = 0.0
     pipeline: PipelineStats = field(default_factory=lambda: PipelineStats())
     folders: list[str] = field(default_factory=list)
@@ -85,6 +87,7 @@ class IndexSummary:
             "removed": self.removed,
             "failed": len(self.failed),
             "failures": [{"path": p, "reason": r} for p, r in self.failed],
+            "failed_unchanged": self.failed_unchanged,
             "folders": self.folders,
             "skipped_folders": [{"path": p, "reason": r} for p, r in self.skipped_folders],
             "seconds": round(self.seconds, 3),
@@ -453,6 +456,7 @@ def _plan(
                 summary.unchanged += 1
             else:  # reported again, not decoded again
                 summary.failed.append((row.path, row.error or "failed"))
+                summary.failed_unchanged += 1
             continue
         try:
             digest = fingerprint(path)
