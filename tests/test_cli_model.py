@@ -18,6 +18,10 @@ def run_ts2(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_version_and_help():
     result = run_ts2("--version")
     assert result.returncode == 0 and result.stdout.startswith("ts2 ")
+    listed = run_ts2("--help").stdout.split("Commands:")[1].splitlines()[1:]
+    commands = {line.split()[0]: line for line in listed if line.strip()}
+    assert set(commands) == {"model", "index", "forget", "status", "info", "search", "eval", "train"}
+    assert not [line for line in commands.values() if line.endswith("...")]  # each says what it does, not cut off
 
 
 def test_usage_errors_are_plain_lines():

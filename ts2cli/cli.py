@@ -149,7 +149,7 @@ def root(
     _state["debug"] = debug
 
 
-@app.command("model")
+@app.command("model", short_help="Load the model and describe it.")
 def model_command(
     model: ModelName = None,
     pretrained: Pretrained = None,
@@ -172,7 +172,7 @@ def model_command(
         output.print(model_table(report))
 
 
-@app.command("index")
+@app.command("index", short_help="Index videos, or update the library's folders.")
 def index_command(
     folders: Annotated[  # str, not Path, for the same reason as LibraryDir
         list[str] | None,
@@ -316,7 +316,7 @@ def gone_root_hint(library: str | None, folders: list[str]) -> str:
     )
 
 
-@app.command("forget")
+@app.command("forget", short_help="Remove a gone folder's videos from the library.")
 def forget_command(
     paths: Annotated[
         list[str], typer.Argument(metavar="PATHS", help="Folders or files whose videos to remove, present or gone.")
@@ -340,7 +340,7 @@ def forget_command(
     output.print(f"Removed {len(removed)} video{'' if len(removed) == 1 else 's'} from the library.")
 
 
-@app.command("status")
+@app.command("status", short_help="The library: model, folders, videos, failures.")
 def status_command(library: LibraryDir = None, as_json: JsonFlag = False) -> None:
     """Where the library is, which model built it, how many videos, size on disk, failures."""
     from .report import status_json, status_table
@@ -357,7 +357,7 @@ def status_command(library: LibraryDir = None, as_json: JsonFlag = False) -> Non
 app.command("info", help="Alias of status.")(status_command)
 
 
-@app.command("search")
+@app.command("search", short_help="Find videos by description (or --like VIDEO).")
 def search_command(
     words: Annotated[
         list[str] | None,
@@ -463,8 +463,8 @@ def _query_vector(lib, query, like, chosen, device):
     return f"like:{Path(like).expanduser().resolve()}", vector, exclude, [], identity
 
 
-app.add_typer(eval_app, name="eval")
-app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval", short_help="Retrieval metrics on MSR-VTT or your own captions.")
+app.add_typer(train_app, name="train", short_help="Fine-tune TS2-Net from CLIP.")
 
 
 def main() -> None:

@@ -170,6 +170,11 @@ def search_json(query: str, identity: dict[str, Any], hits: list[Any]) -> dict[s
     return {"query": query, "model": {**model, "note": _model_note(model)}, "results": [h.to_json() for h in hits]}
 
 
+def _score(score: float) -> str:
+    """Three decimals; a score that rounds to zero is shown as 0.000, not -0.000."""
+    return f"{score:.3f}".replace("-0.000", "0.000")
+
+
 def clock(seconds: float) -> str:
     minutes, secs = divmod(max(seconds, 0.0), 60)
     hours, minutes = divmod(int(minutes), 60)
@@ -202,7 +207,7 @@ def results_table(hits: list[Any], width: int | None = None) -> Table:
         length = clock(hit.duration) if hit.duration is not None else "-"
         video = f"[link={link}]{escape(hit.path)}[/link]"
         if narrow:
-            table.add_row(str(rank), f"{hit.score:.3f}  {moment} of {length}\n{video}")
+            table.add_row(str(rank), f"{_score(hit.score)}  {moment} of {length}\n{video}")
         else:
-            table.add_row(str(rank), f"{hit.score:.3f}", moment, length, video)
+            table.add_row(str(rank), _score(hit.score), moment, length, video)
     return table
