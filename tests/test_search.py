@@ -341,4 +341,5 @@ def test_a_narrow_terminal_shows_every_result_whole():
     tiny = Hit(video_id=2, path=path, score=-0.0002, duration=1.0, moment=Moment(0.0, 1.0, 0.5), frames=[])
     console = Console(width=100, record=True)
     console.print(results_table([tiny], 100))
-    assert "-0.000" not in console.export_text() and "0.000" in console.export_text()
+    shown = console.export_text()
+    assert "-0.000" not in shown and "0.000" in shown, shown
