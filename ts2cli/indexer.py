@@ -343,8 +343,8 @@ def index_folders(
         _embed_all(library, source.get(), todo, options, summary, progress)
     if orphans := _take_from_originals(library, copies, summary):
         _embed_all(library, source.get(), orphans, options, summary, progress)
-    # A file still there under another root of the library that these roots' rules skip (a hidden or excluded
-    # folder indexed by name) is that root's to keep: only a scan of that root removes it.
+    # A file still there under another root of the library (a hidden or excluded folder indexed by name inside
+    # these roots, or a folder around them) is that root's to keep or drop: only a scan of that root removes it.
     library.keep_present(others)
     removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
