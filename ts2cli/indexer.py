@@ -397,12 +397,13 @@ def forget(library: Library, places: Iterable[str | os.PathLike[str]]) -> list[s
     exist (a deleted folder cannot be indexed again to sweep it); the files are not touched. Returns the paths
     removed, sorted."""
     where = [stored_form(place) for place in places]
-    # and what the symlinks of the roots among them led to, but for what the library's other roots cover
+    # The library's folders at or under them leave its list, with what their symlinks led to, but for what the
+    # library's other folders cover.
     roots = [root for root in library.folder_rules() if any(root.is_relative_to(place) for place in where)]
     linked, others = library.linked_areas(roots)
     library.begin_scan([*where, *linked])  # every row under them unseen, then swept
     removed = sorted(library.sweep_unseen(where) + library.sweep_unseen(linked, spare=others))
-    library.forget_roots(where)
+    library.forget_roots(roots)
     library.commit()
     library.save_ann()
     return removed

@@ -439,17 +439,12 @@ class Library:
         status = "status = 'ok' AND " if indexed_only else ""
         return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {status}({where})", args).fetchone()[0])
 
-    def links_of(self, root: str | os.PathLike[str]) -> list[Path]:
-        """The folders and files outside ``root`` that its symlinks led to at its last scan (``remember_links``)."""
-        return [Path(place) for place in self._links().get(os.fspath(root), [])]
-
-    def forget_roots(self, places: Sequence[str | os.PathLike[str]]) -> None:
-        """Take the roots at or under ``places`` off the folders the library covers: their links (see
-        ``remember_links``) and rules."""
+    def forget_roots(self, roots: Sequence[str | os.PathLike[str]]) -> None:
+        """Take ``roots`` off the folders the library covers: their links (see ``remember_links``) and rules."""
         links, rules = self._links(), self._rules()
-        for root in [root for root in links.keys() | rules.keys() if any(_at_or_under(root, p) for p in places)]:
-            links.pop(root, None)
-            rules.pop(root, None)
+        for root in roots:
+            links.pop(os.fspath(root), None)
+            rules.pop(os.fspath(root), None)
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
             self._set_meta("folder_rules", json.dumps(rules, sort_keys=True))
@@ -1041,8 +1036,8 @@ class Library:
             dim = self._library_dim()
             generation = self._generation().number
             version = self._schema_version() or SCHEMA_VERSION
-            rules = {str(root): rule for root, rule in self.folder_rules().items()}
-            folders = [(root, self.count_under(root, indexed_only=True, also=self.links_of(root))) for root in rules]
+            rules, links = {str(root): rule for root, rule in self.folder_rules().items()}, self._links()
+            folders = [(root, self.count_under(root, indexed_only=True, also=links.get(root, []))) for root in rules]
         return LibraryStats(
             directory=self.directory,
             videos_ok=counts.get("ok", 0),
@@ -1150,10 +1145,6 @@ def _under_root(root: str | os.PathLike[str]) -> tuple[str, list[str]]:
     base = _norm_path(root).rstrip(os.sep)
     low, high = base + os.sep, base + chr(ord(os.sep) + 1)
     return "(path >= ? AND path < ?) OR path = ?", [low, high, base or os.sep]
-
-
-def _at_or_under(path: str | os.PathLike[str], place: str | os.PathLike[str]) -> bool:
-    return Path(_norm_path(path)).is_relative_to(_norm_path(place))
 
 
 def _video_row(row: Sequence[Any]) -> VideoRow:
