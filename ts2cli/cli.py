@@ -460,7 +460,7 @@ def _query_vector(lib, query, like, chosen, device):
         vector, notes, identity = text_query_vector(lib, query, chosen, device=device)
         return query, vector, None, notes, identity
     vector, exclude, identity = like_query(lib, like, chosen, device=device)
-    return f"like:{Path(like).expanduser().resolve()}", vector, exclude, [], identity
+    return f"like:{like.resolve()}", vector, exclude, [], identity
 
 
 app.add_typer(eval_app, name="eval", short_help="Retrieval metrics on MSR-VTT or your own captions.")
