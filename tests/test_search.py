@@ -151,6 +151,10 @@ def test_query_by_example_video(built, tmp_path):
         assert float(np.dot(loaded_vector, vector)) > 0.999  # like_query's own model may have chosen bf16
         # the tiny random model scores every video within 1e-4 of the others: near the top is all it can show
         assert original.id in [h.video_id for h in rank(lib, vector, SearchOptions(limit=3))]
+        junk = tmp_path / "junk.mp4"
+        junk.write_bytes(b"not a video")
+        with pytest.raises(Ts2Error, match=r"junk\.mp4: not a video file"):  # which file, not only why
+            like_query(lib, junk, None, device="cpu")
     assert text_model.net.clip.visual is None
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import MODEL_SOURCE_KEY, Library, VideoRow, file_fingerprint, model_summary, same_model
+from .store import MODEL_SOURCE_KEY, Library, VideoRow, file_fingerprint, model_summary, printable_path, same_model
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions
@@ -180,11 +180,14 @@ def embed_example(model: LoadedModel, path: Path) -> np.ndarray:
     """The global vector of a video that is not in the library, sampled exactly as the indexer samples, so that
     an indexed copy of the same file has the same features."""
     # torch and PyAV only now: an indexed example needs neither
-    from .decode import sample_frames
+    from .decode import VideoDecodeError, sample_frames
     from .indexer import KEYFRAME_SNAP
     from .search import global_vector
 
-    sampled = sample_frames(path, model.config.frames, model.image_size, keyframe_snap=KEYFRAME_SNAP)
+    try:
+        sampled = sample_frames(path, model.config.frames, model.image_size, keyframe_snap=KEYFRAME_SNAP)
+    except VideoDecodeError as error:
+        raise Ts2Error(f"{printable_path(path)}: {error}") from error
     return global_vector(model.encode_frames([sampled.frames])[0])
 
 
