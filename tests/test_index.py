@@ -657,7 +657,7 @@ def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_video
         assert "waiting up to 120 s" in stopped.stderr.readline()  # said before the wait, not after it
         stopped.send_signal(signal.SIGINT)
         assert stopped.wait(timeout=60) == 130
-        assert "Interrupted while waiting for the other ts2 index; nothing was changed." in stopped.stderr.read()
+        assert "Interrupted while waiting for the other ts2 command; nothing was changed." in stopped.stderr.read()
         waiting = subprocess.Popen([*command, "--wait", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(2.0)
         assert waiting.poll() is None, "the second run did not wait for the lock"
@@ -673,6 +673,22 @@ def test_second_concurrent_index_exits_or_waits(tmp_path, tiny_files, many_video
     assert report["videos"] == 24 and report["model"]["mode"] == "zero-shot" and report["bytes"] > 0
     assert report["duration"] == pytest.approx(24 * 6.0, abs=24 * 0.5)  # 24 videos of 6 s
     assert abs(datetime.fromisoformat(report["last_indexed"]).timestamp() - time.time()) < 600
+
+
+def test_forget_waits_for_another_writer_when_told(tmp_path):
+    library = tmp_path / "lib"
+    command = [sys.executable, "-m", "ts2cli", "forget", str(tmp_path / "old"), "--library", str(library)]
+    holder = Library.open(library, write=True, create=True)
+    try:
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1 and "Another ts2 index is running" in refused.stderr, refused.stderr
+        waiting = subprocess.Popen([*command, "--wait", "120"], stderr=subprocess.PIPE, text=True)
+        assert "waiting up to 120 s" in waiting.stderr.readline()
+        time.sleep(1.0)
+        assert waiting.poll() is None, "forget did not wait for the lock"
+    finally:
+        holder.close()
+    assert waiting.wait(timeout=120) == 0
 
 
 def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files):

@@ -72,6 +72,11 @@ LibraryDir = Annotated[
     ),
 ]
 
+WaitSeconds = Annotated[
+    float,
+    typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for another ts2 index or forget to finish."),
+]
+
 
 def model_options(
     model: str | None,
@@ -195,9 +200,7 @@ def index_command(
     ] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget the library's videos and re-index.")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,
-    wait: Annotated[
-        float, typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for another ts2 index to finish.")
-    ] = 0.0,
+    wait: WaitSeconds = 0.0,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, hidden=True)] = 16,
     model: ModelName = None,
     pretrained: Pretrained = None,
@@ -249,15 +252,8 @@ def index_command(
 
         return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
 
-    def waiting() -> None:
-        # The message first: a Ctrl-C right after the line below must already get it.
-        on_interrupt("Interrupted while waiting for the other ts2 index; nothing was changed.")
-        console.print(
-            f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
-        )
-
     # Naming no folder updates an existing library: it does not create one.
-    with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting) as lib:
+    with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting_note(wait)) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
         named = model or pretrained or checkpoint or compat
         source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(
@@ -322,6 +318,7 @@ def forget_command(
         list[str], typer.Argument(metavar="PATHS", help="Folders or files whose videos to remove, present or gone.")
     ],
     library: LibraryDir = None,
+    wait: WaitSeconds = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Remove the videos under PATHS from the library (a deleted or renamed folder, say); no file is touched."""
@@ -330,7 +327,7 @@ def forget_command(
 
     if not all(paths):
         raise typer.BadParameter("an empty name is not a path; name a folder or a file.", param_hint="PATHS")
-    with Library.open(library, write=True) as lib:
+    with Library.open(library, write=True, wait=wait, on_wait=waiting_note(wait)) as lib:
         removed = forget(lib, paths)
     if as_json:
         print_json({"removed": len(removed), "paths": removed})
@@ -528,6 +525,19 @@ def _caused_by_interrupt(error: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def waiting_note(wait: float) -> Callable[[], None]:
+    """What to say when another writer holds the library and ``--wait`` lets this command wait for it."""
+
+    def waiting() -> None:
+        # The message first: a Ctrl-C right after the line below must already get it.
+        on_interrupt("Interrupted while waiting for the other ts2 command; nothing was changed.")
+        console.print(
+            f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
+        )
+
+    return waiting
 
 
 def on_interrupt(message: str | Callable[[], str]) -> None:
