@@ -732,6 +732,37 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
     assert missing.returncode == 1 and f"No library at {tmp_path / 'x[/red]'}" in missing.stderr, missing.stderr
 
 
+def test_control_characters_in_file_names_are_shown_escaped(tmp_path, tiny_files):
+    """A newline in a file name must not split a table row, nor a terminal escape in one colour the screen."""
+    from conftest import write_video
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    video, broken = folder / "two\nlines.mp4", folder / "bell\a and \x1b[31mred.mp4"
+    write_video(video, seconds=2, fps=8, width=64, height=48, texture=True)
+    broken.write_bytes(b"not a video")
+    library = tmp_path / "lib"
+    environment = {**os.environ, "COLUMNS": "400"}
+
+    def ts2(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, env=environment)
+
+    indexed = subprocess.run(ts2_index(folder, library, tiny_files), capture_output=True, text=True, env=environment)
+    status = ts2("status", "--library", str(library))
+    found = ts2("search", "a clip", "--library", str(library), "--device", "cpu")
+    for run in (indexed, status, found):
+        assert run.returncode == 0, run.stderr
+        assert "\x1b" not in run.stdout + run.stderr and "\a" not in run.stdout + run.stderr
+    shown_video, shown_broken = str(folder / "two\\nlines.mp4"), str(folder / "bell\\x07 and \\x1b[31mred.mp4")
+    assert shown_video in found.stdout and not any(line.startswith("lines.mp4") for line in found.stdout.splitlines())
+    for run in (indexed, status):
+        assert shown_broken in run.stdout and "[31m" in run.stdout  # the rest of the name is kept as it is
+    assert shown_broken in indexed.stderr
+    # --json keeps the real name
+    listed = json.loads(ts2("search", "a clip", "--library", str(library), "--device", "cpu", "--json").stdout)
+    assert [item["path"] for item in listed["results"]] == [str(video)]
+
+
 def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path, make_video, library, model):
     for seed, name in enumerate(("root/own.mp4", "elsewhere/e1.mp4", "elsewhere/e2.mp4", "other/o.mp4")):
         make_video(name, seconds=1, texture=True, seed=seed)  # different content: none is taken for a move

@@ -21,7 +21,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from . import __version__
 from .cli_options import (
@@ -37,6 +36,7 @@ from .cli_options import (
 )
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
+from .markup import shown
 from .stopping import replace_stop_handlers, restore_handlers
 
 app = typer.Typer(
@@ -275,10 +275,10 @@ def index_command(
             soft_wrap=True,
         )
     for folder, why in summary.skipped_folders:
-        console.print(f"[yellow]note:[/yellow] Skipped {escape(folder)}: {escape(why)}.", soft_wrap=True)
+        console.print(f"[yellow]note:[/yellow] Skipped {shown(folder)}: {shown(why)}.", soft_wrap=True)
     if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):
         console.print(
-            f"[yellow]note:[/yellow] No video files under {escape(', '.join(summary.folders))} (hidden files and "
+            f"[yellow]note:[/yellow] No video files under {shown(', '.join(summary.folders))} (hidden files and "
             "--exclude matches are skipped; ts2 looks for common video extensions such as .mp4, .mkv, .mov).",
             soft_wrap=True,
         )
@@ -333,7 +333,7 @@ def forget_command(
         print_json({"removed": len(removed), "paths": removed})
         return
     if not removed:
-        console.print(f"[yellow]note:[/yellow] The library holds no video under {escape(', '.join(paths))}.")
+        console.print(f"[yellow]note:[/yellow] The library holds no video under {shown(', '.join(paths))}.")
     output.print(f"Removed {len(removed)} video{'' if len(removed) == 1 else 's'} from the library.")
 
 
@@ -422,7 +422,7 @@ def search_command(
         if gone := gone_note(hits):
             notes.append(gone)
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        console.print(f"[yellow]note:[/yellow] {shown(note)}", soft_wrap=True)
     if as_json:
         print_json(search_json(query_text, identity, hits))
     elif paths or print0:
@@ -486,7 +486,7 @@ def _run() -> None:
     except Ts2Error as error:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {shown(str(error))}", soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _interrupted()
@@ -501,13 +501,13 @@ def _run() -> None:
             where = f" ({error.filename})"
         else:
             where = " (writing the output)" if error.errno in (errno.ENOSPC, errno.EIO) else ""
-        console.print(f"[red]error:[/red] {escape(error.strerror or str(error))}{escape(where)}.", soft_wrap=True)
+        console.print(f"[red]error:[/red] {shown(error.strerror or str(error))}{shown(where)}.", soft_wrap=True)
         sys.exit(1)
     except sqlite3.DatabaseError as error:  # found mid-command: opening a library checks only what it reads
         if _state["debug"]:
             raise
         console.print(
-            f"[red]error:[/red] The library's database cannot be read ({escape(str(error))}); it may be damaged: "
+            f"[red]error:[/red] The library's database cannot be read ({shown(str(error))}); it may be damaged: "
             "index into a new --library, or restore the folder from a backup.",
             soft_wrap=True,
         )

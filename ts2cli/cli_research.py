@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
@@ -27,6 +26,7 @@ from .cli_options import (
     TrainPrecisionChoice,
 )
 from .datasets import EVAL_BATCH_SIZE
+from .markup import shown
 
 if TYPE_CHECKING:
     from .datasets import CaptionSet
@@ -255,10 +255,10 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
         return
     output.print(eval_table(result))
     if result.failed:
-        shown = escape("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
+        first = shown("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
         more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
         counted = "counted as misses" if result.ties == "strict" else "their captions left out, as the reference does"
-        console.print(f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] ({counted}): {shown}{more}")
+        console.print(f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] ({counted}): {first}{more}")
     if result.missing:
         console.print(
             f"[yellow]{len(result.missing)} listed videos are missing[/yellow]: not comparable to full-set numbers."
@@ -408,7 +408,7 @@ def _run_train(
 
 def train_table(summary: TrainSummary) -> Table:
     best, last = summary.best_epoch, summary.epochs[-1] if summary.epochs else None
-    notes = [f"use with: ts2 index --checkpoint {escape(str(summary.checkpoint))}"]
+    notes = [f"use with: ts2 index --checkpoint {shown(str(summary.checkpoint))}"]
     if best is not None and last is not None:
         # The paper keeps the best epoch on the test list (spec §10.1 quirk 9): the last one is the honest number.
         notes.insert(0, f"best t2v R@1 at epoch {best.epoch}, last epoch {last.epoch}")
@@ -427,5 +427,5 @@ def train_table(summary: TrainSummary) -> Table:
         v2t = (record.metrics or {}).get("v2t", {})
         scores = [t2v.get("R@1"), t2v.get("R@5"), t2v.get("R@10"), v2t.get("R@1")]
         cells = ["-" if s is None else f"{s:.1f}" for s in scores]
-        table.add_row(str(record.epoch), f"{record.loss:.4f}", *cells, escape(Path(record.checkpoint).name))
+        table.add_row(str(record.epoch), f"{record.loss:.4f}", *cells, shown(Path(record.checkpoint).name))
     return table

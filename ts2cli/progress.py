@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,6 +20,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .indexer import Progress as IndexProgress
+from .markup import shown
 
 if TYPE_CHECKING:
     from .train import EpochRecord
@@ -118,7 +118,7 @@ class IndexProgressBar(LiveBar, IndexProgress):
         rate = f"{task.completed / task.elapsed:.1f}" if task.elapsed else "-"
         self._progress.update(task.id, info=f"{rate} videos/s")
         if outcome == "failed" and self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {escape(str(path))}")
+            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}")
 
 
 class ResearchProgress(LiveBar):
@@ -134,7 +134,7 @@ class ResearchProgress(LiveBar):
 
     def failed(self, name: str, reason: str) -> None:
         if self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {escape(name)}: {escape(reason)}")
+            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(name)}: {shown(reason)}")
 
     # TrainProgress
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
@@ -150,5 +150,5 @@ class ResearchProgress(LiveBar):
         scored = ""
         if record.metrics:
             scored = f", t2v R@1 {record.metrics['t2v']['R@1']:.1f}, v2t R@1 {record.metrics['v2t']['R@1']:.1f}"
-        saved = escape(str(record.checkpoint))
+        saved = shown(str(record.checkpoint))
         self._progress.console.print(f"epoch {record.epoch}: loss {record.loss:.4f}{scored} → {saved}")

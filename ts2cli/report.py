@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rich.filesize import decimal
-from rich.markup import escape
 from rich.table import Table
 
+from .markup import shown
 from .store import model_summary
 
 ZERO_SHOT_NOTE = (
@@ -59,7 +59,7 @@ def model_table(report: dict[str, Any]) -> Table:
             value = "decided on the first video batch (float32, or bfloat16 where accurate and faster)"
         if key == "trained" and value is not None:
             value = _training_line(value)
-        table.add_row(key, "-" if value is None else escape(str(value)))
+        table.add_row(key, "-" if value is None else shown(str(value)))
     return table
 
 
@@ -120,8 +120,8 @@ def status_table(status: dict[str, Any]) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     model = status["model"] or {}
-    table.add_row("library", escape(status["library"]))
-    table.add_row("model", escape(model_summary(model)) if model else "-")
+    table.add_row("library", shown(status["library"]))
+    table.add_row("model", shown(model_summary(model)) if model else "-")
     length = f" ({_total_length(status['duration'])} of video)" if status["videos"] else ""
     table.add_row("videos", f"{status['videos']:,}{length}")
     table.add_row("failed", str(len(status["failed"])))
@@ -131,11 +131,11 @@ def status_table(status: dict[str, Any]) -> Table:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
     for number, folder in enumerate(status["folders"]):
         videos = f"{folder['videos']:,} video{'' if folder['videos'] == 1 else 's'}"
-        rules = [f"excluding {escape(' '.join(folder['exclude']))}"] if folder["exclude"] else []
+        rules = [f"excluding {shown(' '.join(folder['exclude']))}"] if folder["exclude"] else []
         rules += ["hidden files too"] if folder["hidden"] else []
         gone = [] if folder["present"] else ["[yellow]not found[/yellow]"]
         details = ", ".join([videos, *gone, *rules])
-        table.add_row("folders" if number == 0 else "", f"{escape(folder['path'])} ({details})")
+        table.add_row("folders" if number == 0 else "", f"{shown(folder['path'])} ({details})")
     table.add_row("size", decimal(status["bytes"]))
     if status["last_indexed"]:
         local = datetime.fromisoformat(status["last_indexed"]).astimezone()
@@ -145,14 +145,14 @@ def status_table(status: dict[str, Any]) -> Table:
 
 def _failure_line(path: str, reason: str) -> str:
     """Paths and reasons are shown as they are: a file may be called ``[red].mp4``."""
-    return f"[yellow]{escape(path)}[/yellow]: {escape(reason)}"
+    return f"[yellow]{shown(path)}[/yellow]: {shown(reason)}"
 
 
 def summary_table(summary: Any, library: Any) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    table.add_row("library", escape(str(library)))
+    table.add_row("library", shown(str(library)))
     table.add_row("indexed", str(summary.indexed))
     table.add_row("unchanged", str(summary.unchanged))
     table.add_row("moved or copied", str(summary.moved))
@@ -205,7 +205,7 @@ def results_table(hits: list[Any], width: int | None = None) -> Table:
         link = "file://" + quote(Path(hit.path).as_posix())
         moment = f"{clock(hit.moment.start)}–{clock(hit.moment.end)}"
         length = clock(hit.duration) if hit.duration is not None else "-"
-        video = f"[link={link}]{escape(hit.path)}[/link]"
+        video = f"[link={link}]{shown(hit.path)}[/link]"
         if narrow:
             table.add_row(str(rank), f"{_score(hit.score)}  {moment} of {length}\n{video}")
         else:
