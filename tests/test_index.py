@@ -369,6 +369,19 @@ def test_a_folder_without_videos_says_so(tmp_path, tiny_files):
     assert run.returncode == 0 and "note: No video files under" in run.stderr, run.stderr
 
 
+def test_a_file_named_on_its_own_is_tried_whatever_its_extension(tmp_path, tiny_files):
+    from conftest import write_video
+
+    odd, notes = tmp_path / "clip.bin", tmp_path / "notes.txt"
+    write_video(tmp_path / "clip.mp4", seconds=2, fps=8, width=64, height=48, texture=True)
+    (tmp_path / "clip.mp4").rename(odd)
+    notes.write_text("no video here")
+    run = subprocess.run([*ts2_index(odd, tmp_path / "lib", tiny_files), "--json"], capture_output=True, text=True)
+    assert run.returncode == 0 and json.loads(run.stdout)["indexed"] == 1, run.stderr
+    run = subprocess.run(ts2_index(notes, tmp_path / "lib", tiny_files), capture_output=True, text=True)
+    assert run.returncode == 1 and f"{notes}: not a video file" in run.stderr, run.stderr
+
+
 def test_missing_folder_is_an_error(tmp_path, library, model):
     from ts2cli.errors import Ts2Error
 

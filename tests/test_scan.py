@@ -90,7 +90,9 @@ def test_root_may_be_a_single_file(tmp_path: Path) -> None:
     video = touch(tmp_path / "one.mp4")
     touch(tmp_path / "notes.txt")
     assert list(scan_videos([video])) == [video.resolve()]
-    assert list(scan_videos([tmp_path / "notes.txt"])) == []
+    # named on its own, a file is tried whatever its extension (decoding says whether it is a video)
+    assert list(scan_videos([tmp_path / "notes.txt"])) == [(tmp_path / "notes.txt").resolve()]
+    assert list(scan_videos([tmp_path / "notes.txt"], exclude=("*.txt",))) == []
 
 
 def test_dedupe_across_roots_and_symlinks(tmp_path: Path) -> None:

@@ -188,7 +188,8 @@ class Progress:
 
     def planned(self, total: int) -> None: ...
 
-    def done(self, path: Path, outcome: str) -> None: ...
+    def done(self, path: Path, outcome: str, reason: str = "") -> None:
+        """One video is through: ``outcome`` "indexed", "failed" (``reason`` says why) or "gone"."""
 
 
 ANN_SAVE_INTERVAL_S = 300.0
@@ -548,7 +549,7 @@ def _embed_all(
                     progress.done(work.path, "gone")  # since the scan (deleted, its folder renamed): swept as such
                 elif isinstance(result, str):
                     _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
-                    progress.done(work.path, "failed")
+                    progress.done(work.path, "failed", result)
                 else:
                     batch.append((work, result))
                 if len(batch) >= batch_size:

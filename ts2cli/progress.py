@@ -110,7 +110,7 @@ class IndexProgressBar(LiveBar, IndexProgress):
     def planned(self, total: int) -> None:
         self._new_task("indexing", total, "- videos/s")
 
-    def done(self, path: Path, outcome: str) -> None:
+    def done(self, path: Path, outcome: str, reason: str = "") -> None:
         task = self._current()
         if task is None:
             return
@@ -118,7 +118,8 @@ class IndexProgressBar(LiveBar, IndexProgress):
         rate = f"{task.completed / task.elapsed:.1f}" if task.elapsed else "-"
         self._progress.update(task.id, info=f"{rate} videos/s")
         if outcome == "failed" and self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}")
+            because = f": {shown(reason)}" if reason else ""
+            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}{because}")
 
 
 class ResearchProgress(LiveBar):

@@ -97,7 +97,7 @@ def scan_videos(
 ) -> Iterator[Path]:
     """Video files under ``roots``, each once, as absolute resolved paths, in sorted order per root.
 
-    A root may be a folder (walked recursively) or a single file (yielded if it has a video extension).
+    A root may be a folder (walked recursively) or a single file (yielded whatever its extension).
     ``exclude`` holds glob patterns matched against each file or folder name and against its path relative
     to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
     Hidden names (leading '.') are skipped unless ``include_hidden``. ``rules`` gives a (resolved) root rules of
@@ -123,8 +123,8 @@ def _walk_roots(roots: list[tuple[Path, ScanRules]], linked: dict[Path, set[Path
             # so that each root learns where the links inside it lead (files are yielded once all the same).
             seen_dirs: set[tuple[int, int]] = set()
             candidates: Iterator[Path] = _walk_dir(root, rules.exclude, rules.include_hidden, seen_dirs, outside)
-        elif is_video_file(root) and not _excluded(root.name, root.name, rules.exclude):
-            candidates = iter([root])
+        elif not _excluded(root.name, root.name, rules.exclude):
+            candidates = iter([root])  # named on its own, a file is tried whatever its extension
         else:
             continue
         for path in candidates:
