@@ -47,6 +47,23 @@ def index(library, model, *roots, **options):
     return index_folders(library, model, IndexOptions(roots=list(roots), **options))
 
 
+def test_failures_are_committed_as_they_come(tmp_path, make_video, library, model):
+    """A kill during a run keeps the failures recorded before it, as it keeps the videos: a folder of broken files
+    is not decoded again from the start."""
+    make_video("v/good.mp4", seconds=1)
+    for number in range(6):
+        (tmp_path / "v" / f"broken {number}.mp4").write_bytes(b"not a video %d" % number)  # not copies
+    committed: list[int] = []
+
+    class Watching(Progress):
+        def done(self, path: Path, outcome: str, reason: str = "") -> None:
+            with Library.open(library.directory) as reader:  # sees only what was committed
+                committed.append(len(reader.stats().failures))
+
+    index_folders(library, model, IndexOptions(roots=[tmp_path / "v"], commit_every=2, workers=1), Watching())
+    assert len(committed) == 7 and committed[-1] >= 4, committed
+
+
 def test_first_index_of_a_messy_folder(tmp_path, make_video, make_broken_files, library, model):
     videos = tmp_path / "videos"
     make_video("videos/h264.mp4", seconds=3, fps=10)

@@ -550,6 +550,7 @@ def _embed_all(
                 elif isinstance(result, str):
                     _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
                     progress.done(work.path, "failed", result)
+                    since_commit += 1  # a kill must not cost decoding a whole folder of broken files again
                 else:
                     batch.append((work, result))
                 if len(batch) >= batch_size:
