@@ -793,6 +793,24 @@ def test_control_characters_in_file_names_are_shown_escaped(tmp_path, tiny_files
     assert [item["path"] for item in listed["results"]] == [str(video)]
 
 
+def test_a_link_to_a_name_that_is_not_utf8_does_not_break_the_library(tmp_path, make_video, library, model):
+    make_video("root/own.mp4", seconds=1)
+    elsewhere = os.path.join(os.fsencode(tmp_path), b"elsewhere-\xff")
+    os.mkdir(elsewhere)
+    os.symlink(elsewhere, os.path.join(os.fsencode(tmp_path / "root"), b"link"))
+    for _ in range(2):  # the second run reads what the first recorded
+        assert index(library, model, tmp_path / "root").failed == []
+    library.commit()
+    stored = json.loads(library._conn.execute("SELECT value FROM meta WHERE key = 'linked_folders'").fetchone()[0])
+    assert stored == {str(tmp_path / "root"): []}
+    # a library in which an older ts2 recorded such a place
+    stored[str(tmp_path / "root")] = [os.fsdecode(elsewhere)]
+    with library._conn:
+        library._conn.execute("UPDATE meta SET value = ? WHERE key = 'linked_folders'", (json.dumps(stored),))
+    assert index(library, model, tmp_path / "root").unchanged == 1
+    assert forget(library, [tmp_path / "root"]) == [str(tmp_path / "root" / "own.mp4")]
+
+
 def test_videos_found_through_a_link_go_when_the_link_or_the_file_goes(tmp_path, make_video, library, model):
     for seed, name in enumerate(("root/own.mp4", "elsewhere/e1.mp4", "elsewhere/e2.mp4", "other/o.mp4")):
         make_video(name, seconds=1, texture=True, seed=seed)  # different content: none is taken for a move

@@ -417,7 +417,8 @@ class Library:
         links = self._links()
         for root, places in linked.items():
             kept = set(links.get(str(root), [])) if keep_old else set()
-            links[str(root)] = sorted(kept | set(map(str, places)))
+            # a place whose name is not UTF-8 holds no video the library could hold, so nothing to sweep there
+            links[str(root)] = sorted(kept | {str(place) for place in places if storable_path(place)})
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
 
@@ -426,7 +427,10 @@ class Library:
             links = json.loads(self._meta("linked_folders") or "{}")
         except ValueError:
             return {}  # nothing outside the roots is swept until each root's next scan records its links again
-        return links if isinstance(links, dict) else {}
+        if not isinstance(links, dict):
+            return {}
+        # recorded by a ts2 that kept names that are not UTF-8 (which every query on them would refuse)
+        return {root: [place for place in places if storable_path(place)] for root, places in links.items()}
 
     def count_under(
         self, place: str | os.PathLike[str], *, indexed_only: bool = False, also: Sequence[str | os.PathLike[str]] = ()
