@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -404,6 +405,27 @@ def test_saved_ann_is_loaded_not_rebuilt(libdir: Path, rng: np.random.Generator)
     with Library.open(libdir) as lib:
         assert lib.ann() is not None
         assert lib.last_ann_load == "disk"
+
+
+def test_no_sidecar_vouches_for_an_index_file_it_does_not_describe(
+    libdir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped between replacing the index file and writing its sidecar, a save leaves no sidecar: the old one would
+    describe the previous file, and match the database again should a power cut take its last commit back."""
+    with Library.open(libdir, write=True, create=True) as lib:
+        _put(lib, "/v/0.mp4", rng)
+    assert (libdir / ANN_META_FILE).exists()
+
+    def cut_off(*args: object) -> None:
+        raise OSError(errno.EIO, "cut off")
+
+    monkeypatch.setattr(store, "write_text_atomically", cut_off)
+    with pytest.raises(LibraryError), Library.open(libdir, write=True) as lib:
+        _put(lib, "/v/1.mp4", rng)
+    monkeypatch.undo()
+    assert not (libdir / ANN_META_FILE).exists()
+    with Library.open(libdir) as lib:
+        assert _all_ann_ids(lib) == {1, 2} and lib.last_ann_load == "rebuilt"
 
 
 @pytest.fixture

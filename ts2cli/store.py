@@ -921,6 +921,10 @@ class Library:
             if not self.write and self._generation() != gen:
                 return
             _remove_stale_temp_files(directory)
+            # The old sidecar goes first: should SQLite lose its last commit to a power cut after the new index file
+            # replaced the old one, the old sidecar would match the database again and vouch for the wrong file.
+            (directory / ANN_META_FILE).unlink(missing_ok=True)
+            _fsync_dir(directory)
             target = directory / ANN_FILE
             if index is None:
                 target.unlink(missing_ok=True)
