@@ -308,6 +308,26 @@ def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_
     assert library.stats().folders == [(str((tmp_path / "v").resolve()), 1)]  # "elsewhere" is no longer covered
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_folder_moved_away_with_a_symlink_left_behind_is_followed(tmp_path, make_video, library, model, named):
+    """~/Videos moved to a bigger disk, a symlink left in its place: its videos move with it (not copied, then
+    removed), the folder's rules go with it, and from then on deleted files there are swept."""
+    for seed in range(3):
+        make_video(f"Videos/{seed}.mp4", seconds=1, texture=True, seed=seed)
+    old, new = tmp_path / "Videos", tmp_path / "big" / "Videos"
+    make_video("Videos/drafts/d.mp4", seconds=1, texture=True, seed=9)
+    index(library, model, old, exclude=("drafts",))
+    new.parent.mkdir()
+    old.rename(new)
+    old.symlink_to(new, target_is_directory=True)
+    summary = index(library, model, *([old] if named else []), exclude=("drafts",) if named else ())
+    assert (summary.moved, summary.removed, summary.indexed) == (3, 0, 0)
+    assert list(library.folder_rules()) == [new] and library.folder_rules()[new].exclude == ("drafts",)
+    assert sorted(library.paths()) == [str(new / f"{seed}.mp4") for seed in range(3)]
+    (new / "1.mp4").unlink()
+    assert index(library, model).removed == 1 and library.count_ok() == 2
+
+
 def test_naming_no_folder_updates_each_folder_with_its_own_rules(tmp_path, make_video, library, model):
     with pytest.raises(Ts2Error, match="covers no folder yet"):
         index(library, model)

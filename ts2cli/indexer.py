@@ -325,9 +325,10 @@ def index_folders(
     held_before = library.paths() if options.rebuild else set()  # a rebuild forgets them all, other folders' too
     if options.rebuild or not source.recorded_in(library):
         _adopt_model(library, source, options.rebuild, progress)
+    aliases = _aliases(library, roots)
     # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
-    linked_before, others = library.linked_areas(roots)
-    library.begin_scan([*roots, *linked_before])
+    linked_before, others = library.linked_areas([*roots, *aliases])
+    library.begin_scan([*roots, *aliases, *linked_before])
     progress.scanned(0)
     linked: dict[Path, set[Path]] = {}
     found = scan_videos(roots, linked=linked, rules=rules)
@@ -347,9 +348,10 @@ def index_folders(
     # A file still there under another root of the library (a hidden or excluded folder indexed by name inside
     # these roots, or a folder around them) is that root's to keep or drop: only a scan of that root removes it.
     library.keep_present(others)
-    removed = library.sweep_unseen(roots) + library.sweep_unseen(linked_before, spare=others)
+    removed = library.sweep_unseen([*roots, *aliases]) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
+    library.forget_roots(aliases)
     library.commit()
     library.save_ann()
     summary.seconds = time.perf_counter() - started
@@ -365,8 +367,11 @@ def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSumm
         rules = dict.fromkeys(check_roots(options.roots), named)
     else:
         recorded = require_folders(library)
-        rules = {root: rule for root, rule in recorded.items() if rule is not None and root.exists()}
-        summary.skipped_folders = [(str(root), _why_skipped(root)) for root in recorded if root not in rules]
+        usable = {root: rule for root, rule in recorded.items() if rule is not None and root.exists()}
+        # A folder that is a symlink now (moved to a bigger disk, a link left in its place) is scanned where it
+        # leads, as naming it would; the rules recorded for that place itself come last and win.
+        rules = {stored_form(root): usable[root] for root in sorted(usable, key=lambda root: root == stored_form(root))}
+        summary.skipped_folders = [(str(root), _why_skipped(root)) for root in recorded if root not in usable]
         skipped = ", ".join(f"{root} ({why.split(';')[0]})" for root, why in summary.skipped_folders)
         if options.rebuild and skipped:  # a rebuild forgets every video, theirs too: the user must choose
             raise Ts2Error(
@@ -377,6 +382,12 @@ def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSumm
             raise Ts2Error(f"None of the library's folders can be updated: {skipped}.")
     summary.folders = [str(root) for root in rules]
     return rules
+
+
+def _aliases(library: Library, roots: list[Path]) -> list[Path]:
+    """The library's folders that are not among ``roots`` but lead to one of them now (a folder moved elsewhere,
+    a symlink left in its place): their videos are swept with that root's, and the folder leaves the list."""
+    return [root for root in library.folder_rules() if root not in roots and stored_form(root) in roots]
 
 
 def _why_skipped(root: Path) -> str:
@@ -500,7 +511,8 @@ def _reuse_same_content(library: Library, work: _Work) -> bool:
     for twin in library.find_by_fingerprint(work.fingerprint, work.size):
         if twin.status != "ok":
             continue
-        if not Path(twin.path).exists():
+        # gone, or now a way to this very file (a folder on its path became a symlink): moved, not copied
+        if not Path(twin.path).exists() or stored_form(twin.path) == work.path:
             library.move(twin.id, str(work.path), work.mtime)
             return True
         frames = library.frame_features([twin.id]).get(twin.id)
