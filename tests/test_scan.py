@@ -36,6 +36,19 @@ def test_extensions_are_case_insensitive_and_non_videos_ignored(tmp_path: Path) 
     assert all(ext.startswith(".") and ext == ext.lower() for ext in VIDEO_EXTENSIONS)
 
 
+def test_source_files_that_share_a_video_extension_are_not_videos(tmp_path: Path) -> None:
+    from conftest import write_video
+
+    write_video(tmp_path / "broadcast.ts", seconds=1, fps=5, width=64, height=48)  # a real MPEG-TS file
+    (tmp_path / "app.ts").write_text("// " + "x" * 508 + "é\n")  # TypeScript; the first 512 bytes end mid-character
+    (tmp_path / "go.mod").write_text("module example.com/videos\n\ngo 1.22\n")
+    (tmp_path / "lib.mts").write_text("export default {};\n")
+    (tmp_path / "camera.MTS").write_bytes(bytes([0, 0, 0, 0, 0x47, 0x40, 0x00, 0x10]) * 64)  # AVCHD, 192-byte packets
+    (tmp_path / "damaged.mod").write_bytes(b"\xff\xfe not text")
+    assert names(list(scan_videos([tmp_path])), tmp_path) == ["broadcast.ts", "camera.MTS", "damaged.mod"]
+    assert list(scan_videos([tmp_path / "app.ts"])) == [(tmp_path / "app.ts").resolve()]  # named: tried anyway
+
+
 def test_recursive_sorted_and_absolute(tmp_path: Path) -> None:
     for name in ("z.mp4", "a.mp4", "sub/b.mp4", "sub/deeper/c.mp4", "other/d.mp4"):
         touch(tmp_path / name)

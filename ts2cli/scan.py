@@ -1,11 +1,13 @@
 """Find the video files under the folders (or files) a user names, and fingerprint them.
 
-Walking is by file extension only; whether a file really decodes is ts2cli.decode's business. Symlinked
-folders are followed, but every real folder is entered at most once per root, so symlink loops terminate.
+Walking is by file extension (and, for extensions that source files share, a look at the first bytes); whether
+a file really decodes is ts2cli.decode's business. Symlinked folders are followed, but every real folder is
+entered at most once per root, so symlink loops terminate.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fnmatch
 import hashlib
@@ -57,6 +59,11 @@ VIDEO_EXTENSIONS = frozenset(
 )
 
 FINGERPRINT_CHUNK = 64 * 1024
+
+SHARED_EXTENSIONS = frozenset({".ts", ".mts", ".mod"})
+"""Video extensions that source files use too (TypeScript, Go modules): in a folder, such a file counts as a
+video only if it does not start like text, so that indexing a home folder does not fail on every .ts file."""
+_SNIFF_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -164,12 +171,31 @@ def _walk_dir(
                     subfolders.append((folder / name, rel + "/"))
                     if is_link:
                         _note_outside(folder / name, root, outside)
-            elif is_video_file(name) and not _excluded(name, rel, exclude):
+            elif is_video_file(name) and not _excluded(name, rel, exclude) and not _source_file(folder / name):
                 if is_link:
                     _note_outside(folder / name, root, outside)
                 yield folder / name
         # Reversed so the stack pops them in sorted order; files of a folder come before its subfolders.
         stack.extend(reversed(subfolders))
+
+
+def _source_file(path: Path) -> bool:
+    """Whether a file with an extension in ``SHARED_EXTENSIONS`` is text (no NUL byte, valid UTF-8): video
+    containers are binary from their first bytes (MPEG-TS's 0x47 sync byte, MPEG-PS's 00 00 01 BA)."""
+    if path.suffix.lower() not in SHARED_EXTENSIONS:
+        return False
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_SNIFF_BYTES)
+    except OSError:
+        return False  # decoding will say what is wrong with it
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is no error
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _note_outside(link: Path, root: Path, outside: set[Path] | None) -> None:
