@@ -813,6 +813,29 @@ def test_control_characters_in_file_names_are_shown_escaped(tmp_path, tiny_files
     assert [item["path"] for item in listed["results"]] == [str(video)]
 
 
+def test_searching_in_a_folder_follows_the_links_under_it(tmp_path, make_video, library, model):
+    names = ("root/own/a.mp4", "root/b.mp4", "phone/c.mp4", "card/d.mp4", "card/e.mp4")
+    for seed, name in enumerate(names):
+        make_video(name, seconds=1, texture=True, seed=seed)
+    root = tmp_path / "root"
+    (root / "phone").symlink_to(tmp_path / "phone", target_is_directory=True)
+    (tmp_path / "phone" / "card").symlink_to(tmp_path / "card", target_is_directory=True)  # a link behind a link
+    (root / "own" / "e.mp4").symlink_to(tmp_path / "card" / "e.mp4")  # a link to a single file
+    index(library, model, root)
+    library.commit()
+    ids = {Path(path).relative_to(tmp_path).as_posix(): row for path in library.paths()
+           if (row := library.get_by_path(path).id)}  # fmt: skip
+
+    def under(folder: Path) -> list[str]:
+        return sorted(name for name, row in ids.items() if row in library.ids_under(folder))
+
+    assert under(root) == sorted(names)
+    assert under(root / "phone") == under(tmp_path / "phone") == ["card/d.mp4", "card/e.mp4", "phone/c.mp4"]
+    assert under(root / "phone" / "card") == under(tmp_path / "card") == ["card/d.mp4", "card/e.mp4"]
+    assert under(root / "own") == ["card/e.mp4", "root/own/a.mp4"]
+    assert under(root / "ph") == []  # a name that only starts like a link's
+
+
 def test_a_link_to_a_name_that_is_not_utf8_does_not_break_the_library(tmp_path, make_video, library, model):
     make_video("root/own.mp4", seconds=1)
     elsewhere = os.path.join(os.fsencode(tmp_path), b"elsewhere-\xff")

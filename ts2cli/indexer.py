@@ -330,7 +330,7 @@ def index_folders(
     linked_before, others = library.linked_areas([*roots, *aliases])
     library.begin_scan([*roots, *aliases, *linked_before])
     progress.scanned(0)
-    linked: dict[Path, set[Path]] = {}
+    linked: dict[Path, dict[Path, Path]] = {}
     found = scan_videos(roots, linked=linked, rules=rules)
     copies: list[_Work] = []
     todo = list(_plan(library, _counted(found, progress), options, summary, copies))

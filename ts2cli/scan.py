@@ -98,7 +98,7 @@ def scan_videos(
     roots: Sequence[Path | str],
     exclude: Sequence[str] = (),
     include_hidden: bool = False,
-    linked: dict[Path, set[Path]] | None = None,
+    linked: dict[Path, dict[Path, Path]] | None = None,
     *,
     rules: Mapping[Path, ScanRules] | None = None,
 ) -> Iterator[Path]:
@@ -109,8 +109,8 @@ def scan_videos(
     to the root, so both ``'*.tmp.mp4'`` and ``'drafts/*'`` work; an excluded folder is not entered.
     Hidden names (leading '.') are skipped unless ``include_hidden``. ``rules`` gives a (resolved) root rules of
     its own instead of ``exclude`` and ``include_hidden``. Unreadable folders are skipped.
-    ``linked``, when given, receives per (resolved) root the real folders and files outside it that symlinks
-    led to.
+    ``linked``, when given, receives per (resolved) root its symlinks that lead outside it, each with the real
+    folder or file it leads to.
     Missing roots raise Ts2Error at the call, before anything is yielded.
     """
     default, rules = ScanRules(tuple(exclude), include_hidden), rules or {}
@@ -121,10 +121,10 @@ def scan_videos(
     return _walk_roots(ruled, linked)
 
 
-def _walk_roots(roots: list[tuple[Path, ScanRules]], linked: dict[Path, set[Path]] | None) -> Iterator[Path]:
+def _walk_roots(roots: list[tuple[Path, ScanRules]], linked: dict[Path, dict[Path, Path]] | None) -> Iterator[Path]:
     seen_files: set[Path] = set()
     for root, rules in roots:
-        outside = linked.setdefault(root, set()) if linked is not None else None
+        outside = linked.setdefault(root, {}) if linked is not None else None
         if root.is_dir():
             # (st_dev, st_ino) of the real folders walked, per root: a folder two roots reach is walked for both,
             # so that each root learns where the links inside it lead (files are yielded once all the same).
@@ -146,7 +146,7 @@ def _walk_dir(
     exclude: tuple[str, ...],
     include_hidden: bool,
     seen_dirs: set[tuple[int, int]],
-    outside: set[Path] | None = None,
+    outside: dict[Path, Path] | None = None,
 ) -> Iterator[Path]:
     # Explicit stack instead of recursion: deep trees must not hit Python's recursion limit.
     stack: list[tuple[Path, str]] = [(root, "")]
@@ -198,12 +198,12 @@ def _source_file(path: Path) -> bool:
     return True
 
 
-def _note_outside(link: Path, root: Path, outside: set[Path] | None) -> None:
-    """Add where ``link`` (a folder or a file) really is to ``outside`` when that is not under ``root``."""
+def _note_outside(link: Path, root: Path, outside: dict[Path, Path] | None) -> None:
+    """Note in ``outside`` where ``link`` (a folder or a file) really is, when that is not under ``root``."""
     if outside is not None:
         real = Path(os.path.realpath(link))
         if not real.is_relative_to(root):
-            outside.add(real)
+            outside[link] = real
 
 
 def _list_dir(folder: Path) -> list[tuple[str, bool, bool]]:

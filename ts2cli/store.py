@@ -392,6 +392,7 @@ class Library:
             self._conn.execute("DELETE FROM videos")
             # no root holds a video now; a scan records its root (and its rules) again
             self._set_meta("linked_folders", "{}")
+            self._set_meta("link_paths", "{}")
             self._set_meta("folder_rules", "{}")
             self._set_meta("model", _canonical_json(config))
             self._pending.clear()
@@ -410,17 +411,21 @@ class Library:
         protected = others + [Path(place) for known in others for place in links.get(str(known), [])]
         return linked, protected
 
-    def remember_links(self, linked: dict[Path, set[Path]], *, keep_old: bool = False) -> None:
-        """Record, per scanned root, the folders and files outside it that its symlinks led to (see
-        ``linked_areas``); ``keep_old`` adds them to what was recorded, so that a run stopped before its sweep
-        forgets no place it has yet to sweep."""
-        links = self._links()
-        for root, places in linked.items():
+    def remember_links(self, linked: dict[Path, dict[Path, Path]], *, keep_old: bool = False) -> None:
+        """Record, per scanned root, its symlinks that lead outside it and where they lead (``{link: place}``):
+        the places are what a scan of the root answers for (see ``linked_areas``), the links what ``ids_under``
+        follows. ``keep_old`` adds to what was recorded, so that a run stopped before its sweep forgets no place
+        it has yet to sweep."""
+        links, paths = self._links(), self._link_paths()
+        for root, found in linked.items():
+            # a name that is not UTF-8 leads to no video the library could hold: nothing to sweep or follow there
+            named = {str(link): str(place) for link, place in found.items() if storable_path(f"{link}{place}")}
             kept = set(links.get(str(root), [])) if keep_old else set()
-            # a place whose name is not UTF-8 holds no video the library could hold, so nothing to sweep there
-            links[str(root)] = sorted(kept | {str(place) for place in places if storable_path(place)})
+            links[str(root)] = sorted(kept | set(named.values()))
+            paths[str(root)] = {**paths.get(str(root), {}), **named} if keep_old else named
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
+            self._set_meta("link_paths", json.dumps(paths, sort_keys=True))
 
     def _links(self) -> dict[str, list[str]]:
         try:
@@ -431,6 +436,27 @@ class Library:
             return {}
         # recorded by a ts2 that kept names that are not UTF-8 (which every query on them would refuse)
         return {root: [place for place in places if storable_path(place)] for root, places in links.items()}
+
+    def _link_paths(self) -> dict[str, dict[str, str]]:
+        try:
+            paths = json.loads(self._meta("link_paths") or "{}")
+        except ValueError:
+            return {}  # ``--in`` follows no link until the next scan records them again
+        return paths if isinstance(paths, dict) else {}
+
+    def places_linked_under(self, folder: Path) -> list[Path]:
+        """Where the recorded symlinks at or under ``folder`` lead (``remember_links``). ``folder`` is taken as
+        given and resolved, and each link by its recorded path and with its folder resolved, so that both the way
+        the scan walked and the real place find it."""
+        given, real = Path(os.path.abspath(folder)), Path(os.path.realpath(folder))
+        places = set()
+        for found in self._link_paths().values():
+            for link, place in found.items() if isinstance(found, dict) else ():
+                link_path = Path(link)
+                seen_as = (link_path, Path(os.path.realpath(link_path.parent)) / link_path.name)
+                if any(way.is_relative_to(within) for way in seen_as for within in (given, real)):
+                    places.add(Path(place))
+        return sorted(places)
 
     def count_under(
         self, place: str | os.PathLike[str], *, indexed_only: bool = False, also: Sequence[str | os.PathLike[str]] = ()
@@ -445,12 +471,14 @@ class Library:
 
     def forget_roots(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Take ``roots`` off the folders the library covers: their links (see ``remember_links``) and rules."""
-        links, rules = self._links(), self._rules()
+        links, paths, rules = self._links(), self._link_paths(), self._rules()
         for root in roots:
             links.pop(os.fspath(root), None)
+            paths.pop(os.fspath(root), None)
             rules.pop(os.fspath(root), None)
         with self._write_step():
             self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
+            self._set_meta("link_paths", json.dumps(paths, sort_keys=True))
             self._set_meta("folder_rules", json.dumps(rules, sort_keys=True))
 
     def remember_rules(self, rules: dict[Path, ScanRules]) -> None:
@@ -533,8 +561,13 @@ class Library:
 
     def ids_under(self, folder: str | os.PathLike[str]) -> list[int]:
         """Ids of the indexed (status 'ok') videos inside ``folder``: resolved first, as indexed paths are (a
-        symlink to a folder finds what was indexed through it)."""
-        where, args = _under_root(Path(folder).expanduser().resolve())
+        symlink to a folder finds what was indexed through it), and inside the places that symlinks under it
+        led to when it was scanned."""
+        folder = Path(folder).expanduser()
+        places = [folder.resolve(), *self.places_linked_under(folder)]
+        conditions = [_under_root(place) for place in places]
+        where = " OR ".join(f"({condition})" for condition, _ in conditions)
+        args = [arg for _, condition_args in conditions for arg in condition_args]
         rows = self._conn.execute(f"SELECT id FROM videos WHERE status = 'ok' AND ({where}) ORDER BY id", args)
         return [row[0] for row in rows]
 
