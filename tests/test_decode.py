@@ -268,6 +268,18 @@ def test_truncated_file_with_index_first_keeps_what_is_there(make_video: MakeVid
         result = sample_frames(video.path, 12, 32, method=method)
         assert 1 <= len(result.frames) < 12 and result.times == sorted(result.times)
         assert indices(result) == sorted(set(indices(result)))
+        assert result.cut_short and result.duration == pytest.approx(4.0, abs=0.2)
+
+
+@pytest.mark.parametrize("name", ["whole.mkv", "cut.mkv", "whole.mp4"])
+def test_frames_that_run_out_before_the_stated_duration_are_told(make_video: MakeVideo, name: str) -> None:
+    video = make_video(name, seconds=10, fps=10, width=64, height=48, texture=True)
+    if name.startswith("cut"):
+        with open(video.path, "r+b") as file:  # a download stopped halfway: the header still says 10 s
+            file.truncate(video.path.stat().st_size // 2)
+    for method in ("seek", "sequential"):
+        result = sample_frames(video.path, 12, 32, method=method, keyframe_snap=0.25)
+        assert result.cut_short == name.startswith("cut"), (method, result.times, result.duration)
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
@@ -290,6 +302,7 @@ def test_shared_sample_videos(shared_videos: Path, name: str) -> None:
     for target, got in zip(uniform_targets(seek.duration, 12), seek.times, strict=True):
         assert target - step / 2 <= got <= target + 1e-6  # the frame on screen at the target
     assert seek.frames.std() > 10  # real pictures, not blank frames
+    assert not seek.cut_short and not sequential.cut_short
 
 
 @pytest.mark.parametrize("method", ["seek", "sequential"])

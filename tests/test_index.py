@@ -64,6 +64,24 @@ def test_failures_are_committed_as_they_come(tmp_path, make_video, library, mode
     assert len(committed) == 7 and committed[-1] >= 4, committed
 
 
+def test_a_video_whose_frames_run_out_early_is_indexed_and_told(tmp_path, make_video, library, model):
+    cut = make_video("v/cut.mkv", seconds=10, fps=10, texture=True, seed=1).path
+    make_video("v/whole.mkv", seconds=10, fps=10, texture=True, seed=2)
+    with open(cut, "r+b") as file:
+        file.truncate(cut.stat().st_size // 2)
+    told: list[tuple[str, str]] = []
+
+    class Listening(Progress):
+        def done(self, path: Path, outcome: str, reason: str = "") -> None:
+            told.append((path.name, reason))
+
+    summary = index_folders(library, model, IndexOptions(roots=[tmp_path / "v"]), Listening())
+    assert summary.indexed == 2 and [path for path, _ in summary.cut_short] == [str(cut)]
+    assert "of the 10.0 s its file states (truncated or damaged?)" in summary.cut_short[0][1]
+    assert summary.to_json()["cut_short"] == [{"path": str(cut), "reason": summary.cut_short[0][1]}]
+    assert sorted(told) == [("cut.mkv", summary.cut_short[0][1]), ("whole.mkv", "")]
+
+
 def test_first_index_of_a_messy_folder(tmp_path, make_video, make_broken_files, library, model):
     videos = tmp_path / "videos"
     make_video("videos/h264.mp4", seconds=3, fps=10)

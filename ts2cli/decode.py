@@ -73,6 +73,7 @@ class SampledVideo:
     duration: float  # seconds (best estimate)
     width: int  # display width after rotation and pixel aspect ratio
     height: int
+    cut_short: bool = False  # the frames ran out well before ``duration``, which the container states for sure
 
 
 @dataclass
@@ -163,6 +164,7 @@ class _Plan:
     keyframes: list[float] | None  # absolute seconds, from the container index; None if unknown
     targets: list[float]  # absolute seconds
     method: str  # "seek" or "sequential"
+    duration_known: bool = True  # False for a demuxer's estimate (MPEG-PS/TS without an index, from the bit rate)
 
 
 def plan_sampling(
@@ -181,10 +183,12 @@ def plan_sampling(
     start = _start_time(container, stream)
     keyframes = _index_keyframes(container, stream)
     duration = _known_duration(container, stream)
+    known = keyframes is not None
     # Without an index the duration is the demuxer's estimate, which can be well off for MPEG-PS/TS;
     # reading the packets (no decoding) of a small file costs milliseconds and makes it exact.
     if duration is None or (keyframes is None and _file_size(path) <= _EXACT_DURATION_MAX_BYTES):
-        duration = _demuxed_duration(path, stream.index, _frame_rate(stream)) or duration
+        demuxed = _demuxed_duration(path, stream.index, _frame_rate(stream))
+        duration, known = demuxed or duration, demuxed is not None
     if duration is None:
         # No timestamps at all (raw elementary streams): seeking is impossible, so decode everything.
         duration, method = _decoded_duration(path, stream.index), "sequential"
@@ -194,7 +198,7 @@ def plan_sampling(
         targets = snap_targets(targets, keyframes, fps, keyframe_snap * duration / num_frames)
     if method == "auto":
         method = choose_method(duration, fps, keyframes, targets)
-    return _Plan(stream, start, duration, fps, keyframes, targets, method)
+    return _Plan(stream, start, duration, fps, keyframes, targets, method, known)
 
 
 def _sample(path: Path, num_frames: int, size: int, method: str, keyframe_snap: float) -> SampledVideo:
@@ -210,12 +214,16 @@ def _sample(path: Path, num_frames: int, size: int, method: str, keyframe_snap: 
     if not picks:
         raise VideoDecodeError("no decodable frames")
     picks = in_time_order(picks)
+    # A frame is picked within a segment of each target (a quarter more with keyframe snapping): the last one
+    # further from the end than two segments means the frames ran out (a truncated download, a damaged tail).
+    missing = plan.duration - (picks[-1].time - plan.start)
     return SampledVideo(
         frames=np.stack([p.pixels for p in picks]),
         times=[round(max(0.0, p.time - plan.start), 6) for p in picks],  # 2.6, not 2.5999999999999996
         duration=plan.duration,
         width=picks[0].display_size[0],
         height=picks[0].display_size[1],
+        cut_short=plan.duration_known and missing > max(1.0, 2 * plan.duration / num_frames),
     )
 
 

@@ -78,6 +78,9 @@ class IndexSummary:
     """The roots scanned."""
     skipped_folders: list[tuple[str, str]] = field(default_factory=list)
     """(root, why) for the library's folders that a run naming no folder could not scan; their videos are kept."""
+    cut_short: list[tuple[str, str]] = field(default_factory=list)
+    """(path, what) for videos indexed from the frames that decoded, which ran out well before the duration their
+    container states (a truncated download, a damaged tail); counted in ``indexed`` too."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -90,6 +93,7 @@ class IndexSummary:
             "failed_unchanged": self.failed_unchanged,
             "folders": self.folders,
             "skipped_folders": [{"path": p, "reason": r} for p, r in self.skipped_folders],
+            "cut_short": [{"path": p, "reason": r} for p, r in self.cut_short],
             "seconds": round(self.seconds, 3),
             "pipeline": self.pipeline.to_json(),
         }
@@ -189,7 +193,8 @@ class Progress:
     def planned(self, total: int) -> None: ...
 
     def done(self, path: Path, outcome: str, reason: str = "") -> None:
-        """One video is through: ``outcome`` "indexed", "failed" (``reason`` says why) or "gone"."""
+        """One video is through: ``outcome`` "indexed" (``reason``, if any, what was wrong with it), "failed"
+        (``reason`` says why) or "gone"."""
 
 
 ANN_SAVE_INTERVAL_S = 300.0
@@ -671,9 +676,21 @@ def _store_batch(
             global_vector=global_vector(frames),
         )
         summary.indexed += 1
-        progress.done(work.path, "indexed")
+        cut_short = _cut_short_note(video)
+        if cut_short:
+            summary.cut_short.append((printable_path(work.path), cut_short))
+        progress.done(work.path, "indexed", cut_short)
     stats.store_seconds += time.perf_counter() - began
     return len(done.batch)
+
+
+def _cut_short_note(video: SampledVideo) -> str:
+    if not video.cut_short:
+        return ""
+    return (
+        f"its frames end at {video.times[-1]:.1f} s of the {video.duration:.1f} s its file states (truncated or "
+        "damaged?); indexed from what decodes"
+    )
 
 
 def _out_of_memory_says(device: torch.device, videos: int) -> contextlib.AbstractContextManager[None]:

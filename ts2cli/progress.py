@@ -120,6 +120,8 @@ class IndexProgressBar(LiveBar, IndexProgress):
         if outcome == "failed" and self.enabled:
             because = f": {shown(reason)}" if reason else ""
             self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}{because}")
+        elif reason and self.enabled:
+            self._progress.console.print(f"[yellow]note:[/yellow] {shown(str(path))}: {shown(reason)}")
 
 
 class ResearchProgress(LiveBar):

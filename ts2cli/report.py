@@ -154,6 +154,8 @@ def summary_table(summary: Any, library: Any) -> Table:
     table.add_column(overflow="fold")
     table.add_row("library", shown(str(library)))
     table.add_row("indexed", str(summary.indexed))
+    for path, what in summary.cut_short:
+        table.add_row("", _failure_line(path, what))
     table.add_row("unchanged", str(summary.unchanged))
     table.add_row("moved or copied", str(summary.moved))
     table.add_row("removed", str(summary.removed))
