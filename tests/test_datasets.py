@@ -118,6 +118,16 @@ def test_header_variants(tmp_path: Path, text: str, delimiter: str):
     assert data.video_ids == ["video1", "video2"]
 
 
+def test_msrvtt_test_list_without_rows_or_with_empty_ones(tmp_path: Path):
+    test_list = tmp_path / "MSRVTT_JSFUSION_test.csv"
+    test_list.write_text("key,vid_key,video_id,sentence\n", encoding="utf-8")  # metrics over nothing would be NaN
+    with pytest.raises(Ts2Error, match="lists no videos: it has a header and no rows"):
+        load_msrvtt_test(tmp_path)
+    test_list.write_text("key,vid_key,video_id,sentence\nret0,msr1,video1,a cat\nret1,msr2,video2,\n", encoding="utf-8")
+    with pytest.raises(Ts2Error, match=r"with an empty video_id or sentence \(line 3\)"):
+        load_msrvtt_test(tmp_path)
+
+
 def test_bad_header(tmp_path: Path):
     (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text("id,text\nvideo1,hi\n", encoding="utf-8")
     with pytest.raises(Ts2Error, match=r"columns video_id, sentence .*missing video_id, sentence"):
@@ -167,6 +177,15 @@ def test_msrvtt_train_errors(tmp_path: Path):
     with pytest.raises(Ts2Error, match="'sentences' list"):
         load_msrvtt_train(data_dir)
 
+    for caption in ("  ", 5, None, ["a", "b"]):  # each would be trained on, as "5" or "None"
+        _write_train_files(data_dir, ["video1", "video2"], [("video1", "one"), ("video2", caption)])
+        with pytest.raises(Ts2Error, match=r"captions that are empty or not text \(sentence 2, counting from 1\)"):
+            load_msrvtt_train(data_dir)
+
+    (data_dir / "MSRVTT_train.9k.csv").write_text("video_id\n", encoding="utf-8")
+    with pytest.raises(Ts2Error, match="lists no videos"):
+        load_msrvtt_train(data_dir)
+
 
 def test_caption_csv_shared_and_absolute_videos(tmp_path: Path, make_video):
     make_video("clips/a.mp4", num_frames=3)
@@ -210,7 +229,7 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
     csv_path.write_text('video,caption\na.mp4,one\u2028two\x85three\na.mp4,"four\nfive"\n', encoding="utf-8")
     assert load_caption_csv(csv_path).captions == ["one\u2028two\x85three", "four\nfive"]
     csv_path.write_text('video,caption\na.mp4,"x\ny"\na.mp4\n', encoding="utf-8")
-    with pytest.raises(Ts2Error, match=r"too few columns \(lines 4\)"):  # the file's line, not the record's
+    with pytest.raises(Ts2Error, match=r"too few columns \(line 4\)"):  # the file's line, not the record's
         load_caption_csv(csv_path)
 
     csv_path.write_text("video,caption\n", encoding="utf-8")  # metrics over no queries would be NaN
@@ -218,11 +237,11 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
         load_caption_csv(csv_path)
 
     csv_path.write_text("video,caption\na.mp4,hi\na.mp4\n,no video\na.mp4,\n", encoding="utf-8")
-    with pytest.raises(Ts2Error, match=r"too few columns \(lines 3\)"):
+    with pytest.raises(Ts2Error, match=r"too few columns \(line 3\)"):
         load_caption_csv(csv_path)
 
     csv_path.write_text("video,caption\na.mp4,hi\n,no video\na.mp4,\n", encoding="utf-8")
-    with pytest.raises(Ts2Error, match=r"without a video or a caption \(lines 3, 4\)"):
+    with pytest.raises(Ts2Error, match=r"with an empty video or caption \(lines 3, 4\)"):
         load_caption_csv(csv_path)
 
     csv_path.write_text("video,caption\na.mp4,hi\ngone.mp4,absent\n", encoding="utf-8")

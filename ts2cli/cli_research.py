@@ -258,11 +258,11 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
         first = shown("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
         more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
         counted = "counted as misses" if result.ties == "strict" else "their captions left out, as the reference does"
-        console.print(f"[yellow]{len(result.failed)} videos could not be decoded[/yellow] ({counted}): {first}{more}")
+        videos = "1 video" if len(result.failed) == 1 else f"{len(result.failed)} videos"
+        console.print(f"[yellow]{videos} could not be decoded[/yellow] ({counted}): {first}{more}")
     if result.missing:
-        console.print(
-            f"[yellow]{len(result.missing)} listed videos are missing[/yellow]: not comparable to full-set numbers."
-        )
+        videos = "1 listed video is" if len(result.missing) == 1 else f"{len(result.missing)} listed videos are"
+        console.print(f"[yellow]{videos} missing[/yellow]: not comparable to full-set numbers.")
 
 
 def eval_table(result: EvalResult) -> Table:

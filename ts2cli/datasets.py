@@ -76,6 +76,7 @@ def load_msrvtt_test(data_dir: Path, *, allow_missing: bool = False) -> CaptionS
     """The 1k-A test split: one caption per video, row i's caption describes row i's video (spec §11.1)."""
     csv_path = _require_file(Path(data_dir) / MSRVTT_TEST_CSV, "the MSR-VTT 1k-A test list")
     rows = _read_csv(csv_path, required=("video_id", "sentence"), aliases={"sentences": "sentence"})
+    _require_rows(csv_path, rows, ("video_id", "sentence"))
     pairs = [(row["video_id"], row["sentence"]) for _, row in rows]
     return _msrvtt_caption_set(Path(data_dir), pairs, csv_path.name, expanded=True, allow_missing=allow_missing)
 
@@ -89,7 +90,9 @@ def load_msrvtt_train(data_dir: Path, *, expand_sentences: bool = True, allow_mi
     data_dir = Path(data_dir)
     csv_path = _require_file(data_dir / MSRVTT_TRAIN_CSV, "the MSR-VTT 9k training list")
     json_path = _require_file(data_dir / MSRVTT_DATA_JSON, "the MSR-VTT captions")
-    video_ids = list(dict.fromkeys(row["video_id"] for _, row in _read_csv(csv_path, required=("video_id",))))
+    rows = _read_csv(csv_path, required=("video_id",))
+    _require_rows(csv_path, rows, ("video_id",))
+    video_ids = list(dict.fromkeys(row["video_id"] for _, row in rows))
 
     sentences = _read_msrvtt_sentences(json_path)
     wanted = set(video_ids)
@@ -117,11 +120,7 @@ def load_caption_csv(csv_path: Path, videos_dir: Path | None = None, *, allow_mi
     csv_path = _require_file(Path(csv_path), "the caption list")
     videos_dir = Path(videos_dir) if videos_dir is not None else csv_path.parent
     rows = _read_csv(csv_path, required=("video", "caption"))
-    if not rows:
-        raise Ts2Error(f"{csv_path} lists no videos: it has a header and no rows.")
-    bad = [line for line, row in rows if not row["video"] or not row["caption"]]
-    if bad:
-        raise Ts2Error(f"{csv_path} has rows without a video or a caption (lines {_short_list(bad)}).")
+    _require_rows(csv_path, rows, ("video", "caption"))
 
     pairs = []
     files: dict[str, Path] = {}
@@ -231,17 +230,32 @@ def _read_csv(
             continue
         rows.append((line, {name: values[i].strip() for name, i in columns.items()}))
     if short:
-        raise Ts2Error(f"{path} has rows with too few columns (lines {_short_list(short)}).")
+        raise Ts2Error(f"{path} has rows with too few columns ({_lines(short)}).")
     return rows
+
+
+def _require_rows(path: Path, rows: list[tuple[int, dict[str, str]]], columns: Sequence[str]) -> None:
+    """At least one row, and a value in each of ``columns`` of every row."""
+    if not rows:
+        raise Ts2Error(f"{path} lists no videos: it has a header and no rows.")
+    bad = [line for line, row in rows if not all(row[name] for name in columns)]
+    if bad:
+        raise Ts2Error(f"{path} has rows with an empty {' or '.join(columns)} ({_lines(bad)}).")
 
 
 def _read_msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
     try:
         with path.open(encoding="utf-8") as handle:
             sentences = json.load(handle)["sentences"]
-        return [(str(s["video_id"]), str(s["caption"]).strip()) for s in sentences]
+        pairs = [(str(s["video_id"]), s["caption"]) for s in sentences]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise Ts2Error(f"{path} is not an MSR-VTT annotation file with a 'sentences' list ({error!r}).") from error
+    bad = [
+        number for number, (_, caption) in enumerate(pairs, 1) if not isinstance(caption, str) or not caption.strip()
+    ]
+    if bad:
+        raise Ts2Error(f"{path} has captions that are empty or not text ({_lines(bad, 'sentence')}, counting from 1).")
+    return [(video_id, caption.strip()) for video_id, caption in pairs]
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -272,6 +286,10 @@ def _names(names: Sequence[str]) -> str:
     return "first: " + ", ".join(names[:_NAMES_SHOWN])
 
 
-def _short_list(numbers: Sequence[int]) -> str:
-    shown = ", ".join(map(str, numbers[:_NAMES_SHOWN]))
-    return shown + (f" and {len(numbers) - _NAMES_SHOWN} more" if len(numbers) > _NAMES_SHOWN else "")
+def _lines(numbers: Sequence[int], word: str = "line") -> str:
+    return f"{word}{'s' if len(numbers) > 1 else ''} {_numbers(numbers)}"
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    listed = ", ".join(map(str, numbers[:_NAMES_SHOWN]))
+    return listed + (f" and {len(numbers) - _NAMES_SHOWN} more" if len(numbers) > _NAMES_SHOWN else "")
