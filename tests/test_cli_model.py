@@ -118,6 +118,23 @@ def test_weights_are_read_by_content_and_other_files_are_named(tmp_path):
         )
 
 
+def test_weights_of_the_wrong_kind_say_which_option_takes_them(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    checkpoint = tmp_path / "trained.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_net().state_dict().items()}, str(checkpoint))
+    failed = run_ts2("model", "--model", str(config), "--pretrained", str(checkpoint), "--device", "cpu")
+    assert failed.returncode == 1 and failed.stderr.strip() == (
+        f"error: {checkpoint} is a TS2-Net checkpoint, not CLIP weights: pass it with --checkpoint."
+    )
+    random = run_ts2("model", "--model", str(config), "--pretrained", "none", "--device", "cpu")
+    assert (
+        random.returncode == 1 and "--pretrained none (random weights) is for ts2 train and ts2 eval" in random.stderr
+    )
+
+
 CTRL_C_WHILE_LOADING = """
 import os, signal, sys
 

@@ -151,12 +151,16 @@ def resolve_pretrained(name: str, pretrained: str) -> Path:
     import open_clip
     from open_clip.pretrained import download_pretrained
 
+    if pretrained.lower() == "none":
+        raise Ts2Error(
+            "--pretrained none (random weights) is for ts2 train and ts2 eval; the other commands need trained "
+            "weights: an open_clip tag or a local weights file."
+        )
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise Ts2Error(
-            f"Unknown --pretrained tag '{pretrained}' for {name} (known: {tags}); or pass a local weights file."
-        )
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"known: {', '.join(tags)}" if tags else "open_clip has no weights for it"
+        raise Ts2Error(f"Unknown --pretrained tag '{pretrained}' for {name} ({known}); or pass a local weights file.")
     cached = _cached_download(cfg)
     if cached is not None:
         return cached

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from ..errors import Ts2Error
+from ..errors import CheckpointError, Ts2Error
 from ..store import MODEL_SOURCE_KEY
 from . import text_tower
 from .backbone import (
@@ -307,6 +307,8 @@ def _from_clip(
         weights_id = pretrained if not Path(pretrained).expanduser().is_file() else _file_id(path)
         keep = (lambda k: not k.startswith("visual.")) if text_only else None
         state = read_state_dict(path, keep)
+        if any(key.startswith("clip.") for key in state):  # CLIP inside TS2-Net: ts2's checkpoints, the reference's
+            raise CheckpointError(f"{path} is a TS2-Net checkpoint, not CLIP weights: pass it with --checkpoint.")
         if trainable:
             net = TS2Net(build_clip(cfg, initialise=True), config)
             load_state(net.clip, state, source=str(path))
