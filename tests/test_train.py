@@ -267,6 +267,16 @@ def test_cli_train_then_eval(shapes, tmp_path):
     tuned_config, _ = read_checkpoint(json.loads(tuned.stdout)["checkpoint"])
     assert (tuned_config.compat, tuned_config.frames) == ("official", 4)
 
+    # --resume of a complete run trains nothing and says so; the model options are not read again, and it says so
+    resumed = runner.invoke(
+        app, ["train", "captions", "--csv", str(csv), *run, *model, "--compat", "official", "--resume"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from"] == 1 and json.loads(resumed.stdout)["epochs"] == summary["epochs"]
+    assert "--model and --pretrained are not read again with --resume" in resumed.stderr
+    assert "was already complete (1 epoch): nothing was trained or evaluated" in " ".join(resumed.stderr.split())
+    assert summary["resumed_from"] is None
+
     scored = runner.invoke(
         app, ["eval", "captions", "--csv", str(csv), "--checkpoint", summary["checkpoint"], "--no-cache", *model]
     )

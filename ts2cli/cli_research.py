@@ -329,6 +329,7 @@ def train_msrvtt(
     if eval_test:
         check_msrvtt_dir(data)
         eval_set = load_msrvtt_test(data, allow_missing=allow_missing)
+    _resume_note(resume, model, pretrained, checkpoint)
     model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
     _run_train(train_set, eval_set, f"MSR-VTT 9k ({data})", model_choice, _train_options(locals()), as_json)
 
@@ -372,8 +373,27 @@ def train_captions(
 
     train_set = load_caption_csv(csv, videos, allow_missing=allow_missing)
     eval_set = load_caption_csv(eval_csv, eval_videos, allow_missing=allow_missing) if eval_csv else None
+    _resume_note(resume, model, pretrained, checkpoint)
     model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
     _run_train(train_set, eval_set, str(csv), model_choice, _train_options(locals()), as_json)
+
+
+def _resume_note(resume: bool, model: str | None, pretrained: str | None, checkpoint: Path | None) -> None:
+    """A resumed run goes on with the weights of its last saved epoch: the model options it was started with are
+    not read again."""
+    given = [
+        option
+        for option, value in (("--model", model), ("--pretrained", pretrained), ("--checkpoint", checkpoint))
+        if value
+    ]
+    if resume and given:
+        from .cli import console
+
+        console.print(
+            f"[yellow]note:[/yellow] {' and '.join(given)} {'is' if len(given) == 1 else 'are'} not read again "
+            "with --resume: the run goes on from its last saved epoch, with the model it was started from.",
+            soft_wrap=True,
+        )
 
 
 def _train_options(args: dict[str, Any]):
@@ -400,6 +420,12 @@ def _run_train(
 
     with ResearchProgress(console, enabled=not as_json) as bar:
         summary = train(model, train_set, options, eval_data=eval_set, data_name=name, progress=bar)
+    if summary.resumed_from is not None and summary.resumed_from >= options.epochs:
+        console.print(
+            f"[yellow]note:[/yellow] The run in {shown(str(options.out_dir))} was already complete ({options.epochs} "
+            f"epoch{'s' if options.epochs != 1 else ''}): nothing was trained or evaluated; below is its record.",
+            soft_wrap=True,
+        )
     if as_json:
         print_json(summary.to_json())
     else:

@@ -141,6 +141,8 @@ class TrainSummary:
     """The same for the evaluation list: its metrics are then not comparable with full-set numbers."""
     eval_failed: dict[str, str] = dataclasses.field(default_factory=dict)
     """Evaluation videos that could not be decoded (scored as ``ts2 eval`` scores them), with the reason."""
+    resumed_from: int | None = None
+    """The saved epoch a ``--resume`` went on from (the run's last one if it was complete); None for a new run."""
 
     @property
     def best_epoch(self) -> EpochRecord | None:
@@ -161,6 +163,7 @@ class TrainSummary:
             "missing": self.missing,
             "eval_missing": self.eval_missing,
             "eval_failed": [{"video": v, "reason": r} for v, r in self.eval_failed.items()],
+            "resumed_from": self.resumed_from,
             "seconds": round(self.seconds, 3),
         }
 
@@ -660,6 +663,7 @@ def train(
             missing=list(data.missing),
             eval_missing=list(eval_data.missing) if eval_data is not None else [],
             eval_failed=eval_failed,
+            resumed_from=state["epoch"] if state else None,
         )
 
 
