@@ -494,6 +494,29 @@ def test_cli_train_reports_missing_videos(shapes, tmp_path):
     assert config_.provenance["missing_videos"] == 1
 
 
+def test_batches_that_failures_leave_with_one_video_are_not_trained_on(shapes, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    videos = list(shapes.videos)
+    for index in (1, 2, 5, 6):
+        videos[index] = broken / f"{index}.mp4"
+        videos[index].write_bytes(b"not a video %d" % index)
+    damaged = dataclasses.replace(shapes, videos=videos)
+    told: list[str] = []
+
+    class Listening(Recorder):
+        def failed(self, name: str, reason: str) -> None:
+            told.append(name)
+
+    options = TrainOptions(out_dir=tmp_path / "run", epochs=2, batch_size=2, micro_batch=2, lr=1e-3, seed=3)
+    progress = Listening()
+    summary = train(TINY, damaged, options, eval_data=damaged, progress=progress)
+    assert progress.losses and all(loss > 0 for loss in progress.losses)  # a batch of one has loss 0
+    assert len(progress.losses) < 2 * 4  # some batches kept one video: no step for them
+    assert sorted(told) == sorted(map(str, (videos[i] for i in (1, 2, 5, 6))))  # once each, over two evaluations
+    assert len(summary.failed) == 4 and len(summary.eval_failed) == 4
+
+
 def test_a_run_that_diverges_stops_with_the_epochs_before_kept(shapes, tmp_path):
     options = TrainOptions(out_dir=tmp_path / "run", epochs=2, batch_size=4, micro_batch=4, lr=float("inf"), warmup=0)
     with pytest.raises(Ts2Error, match=r"Training diverged: the loss is nan at step \d+ \(epoch 1\); lower --lr"):

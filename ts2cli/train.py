@@ -178,6 +178,34 @@ class TrainProgress(EvalProgress):
     def epoch_done(self, record: EpochRecord) -> None: ...
 
 
+class _FailuresOnce(TrainProgress):
+    """``progress``, but each failed video is reported once, though every epoch's evaluation decodes its list
+    again."""
+
+    def __init__(self, progress: TrainProgress) -> None:
+        self._progress, self._told = progress, set[str]()
+
+    def failed(self, name: str, reason: str) -> None:
+        if name not in self._told:
+            self._told.add(name)
+            self._progress.failed(name, reason)
+
+    def start(self, description: str, total: int) -> None:
+        self._progress.start(description, total)
+
+    def advance(self, count: int = 1) -> None:
+        self._progress.advance(count)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._progress.epoch_start(epoch, epochs, steps)
+
+    def step_done(self, loss: float, lr: float) -> None:
+        self._progress.step_done(loss, lr)
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        self._progress.epoch_done(record)
+
+
 # --- optimiser and schedule -----------------------------------------------------------------------------------
 
 
@@ -515,7 +543,8 @@ class Trainer:
             else:
                 batch.append((self.data.captions[caption], outcome))
             if position % options.batch_size == 0:
-                if batch:
+                # One video left of a batch has nothing to be told apart from: its loss is 0 and it teaches nothing.
+                if len(batch) >= 2:
                     with out_of_memory_says(
                         f"training on {len(batch)} videos, {options.micro_batch} at a time, on {self.device.type}",
                         "run again with a smaller --micro-batch (with --resume after a saved epoch)",
@@ -532,8 +561,8 @@ class Trainer:
         if not losses:
             # Otherwise untrained weights would be saved and labelled as a trained epoch.
             raise VideoDecodeError(
-                f"Epoch {self.epoch + 1} could not run a single step: the videos of every batch failed to decode "
-                f"({len(self.failed)} of {len(self.data.videos)} videos failed)."
+                f"Epoch {self.epoch + 1} could not run a single step: every batch lost all its videos but one at most "
+                f"to decoding failures ({len(self.failed)} of {len(self.data.videos)} videos failed)."
             )
         return float(np.mean(losses)), lr
 
@@ -574,7 +603,7 @@ def train(
     evaluating on ``eval_data`` after each when given. ``frames`` lets several runs over the same videos share
     their decoded frames (it must sample as the model's compat mode, frame count and image size say)."""
     started = time.perf_counter()
-    progress = progress or TrainProgress()
+    progress = _FailuresOnce(progress or TrainProgress())
     _check(options, data)
     out = Path(options.out_dir)
     state = _resume_state(out) if options.resume else None
