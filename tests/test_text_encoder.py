@@ -223,7 +223,8 @@ def test_text_search_runs_without_torch_and_ranks_as_the_torch_path(indexed):
     assert torch_loaded and (library / text_encoder.FILE_NAME).is_file()  # rewritten for the next search
     assert [r["path"] for r in fast["results"]] == [r["path"] for r in slow["results"]]
     assert fast["model"] == slow["model"]
-    np.testing.assert_allclose([r["score"] for r in fast["results"]], [r["score"] for r in slow["results"]], atol=2e-3)
+    # the torch path writes the copy, which then answers as it does for every search: the same scores
+    assert [r["score"] for r in fast["results"]] == [r["score"] for r in slow["results"]]
 
 
 def test_a_copy_damaged_in_place_is_replaced_through_torch(indexed):
@@ -246,7 +247,7 @@ def test_a_copy_damaged_in_place_is_replaced_through_torch(indexed):
         assert encoder is not None and not np.isfinite(encoder.encode_texts(["a red square"])[0]).all()
         vector, _, identity = text_query_vector(lib, "a red square", None, device="cpu")
         assert identity == lib.model_config()
-        # the torch text tower (bf16 weights on CPUs with native bf16) against the float16 copy
+        # the copy written again from the torch model answers
         assert float(vector @ expected) / float(np.linalg.norm(vector) * np.linalg.norm(expected)) > 0.999
         assert copy.read_bytes() != damaged and text_encoder.is_current(lib)  # written again
         repaired = text_encoder.load_text_encoder(lib)

@@ -128,7 +128,8 @@ def text_query_vector(
     """Query vector for a description, notes for the user, and the identity of the model behind the vector.
 
     The library's ONNX copy of its text tower answers without importing torch; a model given on the command line
-    (or a library without a usable copy) goes through torch, which writes the copy for the next search."""
+    (or a library without a usable copy) is loaded through torch, checked against the library's and copied for
+    the next search if need be, and then the copy answers all the same (on the CPU)."""
     from . import text_encoder
 
     encoder = text_encoder.load_text_encoder(library) if options is None and device in ("auto", "cpu") else None
@@ -138,7 +139,10 @@ def text_query_vector(
             return vector, notes, encoder.identity
         text_encoder.discard(library)  # damaged in place (its metadata intact): the torch model replaces it
     model = load_library_model(library, options, device=device, text_only=True)
-    vector, notes = text_query(model, text)
+    # Checked to be the library's model (or just copied from it), the copy answers as it answers every other
+    # search: the same query gets the same scores whether or not the model was named.
+    encoder = text_encoder.load_text_encoder(library) if device in ("auto", "cpu") else None
+    vector, notes = text_query(encoder if encoder is not None else model, text)
     if not np.isfinite(vector).all():
         raise Ts2Error(f"The model gave no usable vector for this query (not finite): {model_summary(model.identity)}.")
     return vector, notes, model.identity
