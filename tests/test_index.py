@@ -826,6 +826,8 @@ def test_control_characters_in_file_names_are_shown_escaped(tmp_path, tiny_files
     for run in (indexed, status):
         assert shown_broken in run.stdout and "[31m" in run.stdout  # the rest of the name is kept as it is
     assert shown_broken in indexed.stderr
+    for run in (indexed, status, found):  # rich pads table rows to the table's width: not in a file or a pipe
+        assert all(line == line.rstrip() for line in run.stdout.splitlines()) and run.stdout.endswith("\n")
     # --json keeps the real name
     listed = json.loads(ts2("search", "a clip", "--library", str(library), "--device", "cpu", "--json").stdout)
     assert [item["path"] for item in listed["results"]] == [str(video)]

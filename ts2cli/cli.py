@@ -36,7 +36,7 @@ from .cli_options import (
 )
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
-from .markup import shown
+from .markup import TrimmedStdout, shown
 from .stopping import replace_stop_handlers, restore_handlers
 
 app = typer.Typer(
@@ -54,7 +54,11 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 or a pipe, a line is not folded (a path cut in two cannot be found with grep)."""
 # The answer (results, status, summaries) goes to stdout, so that `ts2 search … | less` and `> file` work. Piped
 # or redirected, rows are not folded to a terminal's width (rich's default 80, or an exported COLUMNS).
-output = Console(highlight=False, width=None if sys.stdout.isatty() else UNFOLDED_WIDTH)
+output = (
+    Console(highlight=False)
+    if sys.stdout.isatty()
+    else Console(file=TrimmedStdout(), highlight=False, width=UNFOLDED_WIDTH)
+)
 _state: dict[str, Any] = {"debug": False, "fast_exit": False, "interrupted": "Interrupted.", "stopped_by": 0}
 """``interrupted``: what Ctrl-C leaves behind, said by the command that knows (index, eval, train);
 ``stopped_by``: the signal that is stopping the command, 0 while none is."""

@@ -1,13 +1,17 @@
-"""Text from outside ts2 (file names, error messages) made safe to print through rich."""
+"""Text from outside ts2 (file names, error messages) made safe to print through rich, and stdout without the
+blanks rich pads table rows with."""
 
 from __future__ import annotations
 
+import re
+import sys
 import unicodedata
 
 from rich.markup import escape
 
 # Control characters and the Unicode line and paragraph separators would break a table row or a one-line message.
 _UNSEEN = {"Cc", "Zl", "Zp"}
+_SPACES_BEFORE_NEWLINE = re.compile(r" +\n")
 
 
 def shown(text: str) -> str:
@@ -22,3 +26,30 @@ def _visible(char: str) -> str:
     if unicodedata.category(char) not in _UNSEEN:
         return char
     return char.encode("unicode_escape").decode("ascii")
+
+
+class TrimmedStdout:
+    """``sys.stdout`` (whichever it is at the time), without the spaces at the ends of lines: rich pads every row of
+    a table to the table's width, which a file or a pipe then holds as trailing blanks."""
+
+    def __init__(self) -> None:
+        self._spaces = ""  # held back until the rest of their line shows whether they end it
+
+    def write(self, text: str) -> int:
+        text, written = self._spaces + text, len(text)
+        body = text.rstrip(" ")
+        self._spaces = text[len(body) :]
+        sys.stdout.write(_SPACES_BEFORE_NEWLINE.sub("\n", body))
+        return written
+
+    def flush(self) -> None:
+        sys.stdout.write(self._spaces)  # spaces that no newline followed are content
+        self._spaces = ""
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
