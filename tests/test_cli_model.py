@@ -34,6 +34,7 @@ def test_usage_errors_are_plain_lines():
         (("eval", "msrvtt", "--ties", "loose"), "'loose' is not one of 'strict', 'official'"),
         (("train", "captions", "--lr", "-1"), "Invalid value for '--lr'"),
         (("train", "captions", "--warmup", "2"), "Invalid value for '--warmup'"),
+        (("train", "captions", "--csv", "c.csv", "--out", "o", "--eval-videos", "v"), "it goes with --eval-csv"),
     ):
         result = run_ts2(*args)
         assert result.returncode == 2, result.stderr

@@ -244,6 +244,10 @@ def test_caption_csv_bad_rows(tmp_path: Path, make_video):
     with pytest.raises(Ts2Error, match=r"with an empty video or caption \(lines 3, 4\)"):
         load_caption_csv(csv_path)
 
+    for folder, problem in ((tmp_path / "nowhere", "does not exist"), (csv_path, "is a file, not a folder")):
+        with pytest.raises(Ts2Error, match=f"the caption list's paths are relative to\\) {problem}"):
+            load_caption_csv(csv_path, folder)
+
     csv_path.write_text("video,caption\na.mp4,hi\ngone.mp4,absent\n", encoding="utf-8")
     with pytest.raises(
         Ts2Error, match=r"1 of 2 videos listed in .* were not found in .* \(gone.mp4\); .*--allow-missing"

@@ -268,3 +268,10 @@ def test_cli_json_schema(tmp_path, make_video, tiny_checkpoint):
     for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
         assert {"R@1", "R@5", "R@10", "MdR", "MnR"} <= report[direction].keys()
     assert report["transductive"] == ["t2v_dsl", "v2t_dsl"] and report["failed"] == []
+    assert report["truncated_captions"] == 0 and "cut to fit" not in result.stderr
+
+    # a caption longer than the text tower reads is cut, as the reference does, and the table's run says so
+    rows.append("1.mp4," + " and".join(["a cat"] * 40))
+    (tmp_path / "clips" / "list.csv").write_text("\n".join(rows) + "\n")
+    table = subprocess.run(command[:-1], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert table.returncode == 0 and "1 caption was longer than the model reads: cut to fit" in table.stderr

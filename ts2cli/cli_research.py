@@ -5,6 +5,7 @@ fast, and ``ts2cli.cli`` (which imports this module) only inside them too, to av
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -263,6 +264,11 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
     if result.missing:
         videos = "1 listed video is" if len(result.missing) == 1 else f"{len(result.missing)} listed videos are"
         console.print(f"[yellow]{videos} missing[/yellow]: not comparable to full-set numbers.")
+    if result.truncated:
+        captions = "1 caption was" if result.truncated == 1 else f"{result.truncated} captions were"
+        console.print(
+            f"[yellow]note:[/yellow] {captions} longer than the model reads: cut to fit, as the reference does."
+        )
 
 
 def eval_table(result: EvalResult) -> Table:
@@ -331,7 +337,8 @@ def train_msrvtt(
         eval_set = load_msrvtt_test(data, allow_missing=allow_missing)
     _resume_note(resume, model, pretrained, checkpoint)
     model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
-    _run_train(train_set, eval_set, f"MSR-VTT 9k ({data})", model_choice, _train_options(locals()), as_json)
+    name = f"MSR-VTT 9k ({os.path.abspath(data)})"  # the checkpoint records it: not relative to where it ran
+    _run_train(train_set, eval_set, name, model_choice, _train_options(locals()), as_json)
 
 
 @train_app.command("captions")
@@ -371,11 +378,15 @@ def train_captions(
     """Fine-tune on your own captioned videos (one item per caption and epoch)."""
     from .datasets import load_caption_csv
 
+    if eval_videos is not None and eval_csv is None:
+        raise typer.BadParameter(
+            "it goes with --eval-csv, the list whose paths it resolves.", param_hint="--eval-videos"
+        )
     train_set = load_caption_csv(csv, videos, allow_missing=allow_missing)
     eval_set = load_caption_csv(eval_csv, eval_videos, allow_missing=allow_missing) if eval_csv else None
     _resume_note(resume, model, pretrained, checkpoint)
     model_choice = _model(model, pretrained, checkpoint, device, compat, frames)
-    _run_train(train_set, eval_set, str(csv), model_choice, _train_options(locals()), as_json)
+    _run_train(train_set, eval_set, os.path.abspath(csv), model_choice, _train_options(locals()), as_json)
 
 
 def _resume_note(resume: bool, model: str | None, pretrained: str | None, checkpoint: Path | None) -> None:

@@ -118,6 +118,9 @@ def load_caption_csv(csv_path: Path, videos_dir: Path | None = None, *, allow_mi
     identified by their path relative to ``videos_dir`` when they lie under it, else by their absolute path.
     """
     csv_path = _require_file(Path(csv_path), "the caption list")
+    if videos_dir is not None and not Path(videos_dir).is_dir():
+        problem = "is a file, not a folder" if Path(videos_dir).exists() else "does not exist"
+        raise Ts2Error(f"{videos_dir} (the folder the caption list's paths are relative to) {problem}.")
     videos_dir = Path(videos_dir) if videos_dir is not None else csv_path.parent
     rows = _read_csv(csv_path, required=("video", "caption"))
     _require_rows(csv_path, rows, ("video", "caption"))
