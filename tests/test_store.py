@@ -428,6 +428,18 @@ def test_no_sidecar_vouches_for_an_index_file_it_does_not_describe(
         assert _all_ann_ids(lib) == {1, 2} and lib.last_ann_load == "rebuilt"
 
 
+def test_damaged_folder_records_read_as_empty(libdir: Path, rng: np.random.Generator) -> None:
+    with Library.open(libdir, write=True, create=True) as lib:
+        _put(lib, "/v/a.mp4", rng)
+        for key, value in (("linked_folders", '{"/v": 5, "/w": ["/elsewhere"]}'), ("link_paths", '{"/v": [1]}')):
+            lib._set_meta(key, value)
+        lib._set_meta("folder_rules", "[not an object]")
+        assert lib.folder_rules() == {Path("/w"): None} and lib.places_linked_under(Path("/v")) == []
+        assert lib.ids_under("/v") == [1] and lib.count_under("/v", also=["/elsewhere"]) == 1
+        lib.forget_roots([Path("/w")])
+        assert lib.folder_rules() == {}
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MB file system of its own (tmpfs), to run out of room on for real; root only."""

@@ -424,25 +424,22 @@ class Library:
             links[str(root)] = sorted(kept | set(named.values()))
             paths[str(root)] = {**paths.get(str(root), {}), **named} if keep_old else named
         with self._write_step():
-            self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
-            self._set_meta("link_paths", json.dumps(paths, sort_keys=True))
+            self._set_json_meta("linked_folders", links)
+            self._set_json_meta("link_paths", paths)
 
     def _links(self) -> dict[str, list[str]]:
-        try:
-            links = json.loads(self._meta("linked_folders") or "{}")
-        except ValueError:
-            return {}  # nothing outside the roots is swept until each root's next scan records its links again
-        if not isinstance(links, dict):
-            return {}
-        # recorded by a ts2 that kept names that are not UTF-8 (which every query on them would refuse)
-        return {root: [place for place in places if storable_path(place)] for root, places in links.items()}
+        # Damaged: nothing outside the roots is swept until each root's next scan records its links again. Names
+        # that are not UTF-8 (kept by an earlier ts2) are left out: every query on them would refuse them.
+        links = self._json_meta("linked_folders")
+        return {
+            root: [place for place in places if storable_path(place)]
+            for root, places in links.items()
+            if isinstance(places, list)
+        }
 
     def _link_paths(self) -> dict[str, dict[str, str]]:
-        try:
-            paths = json.loads(self._meta("link_paths") or "{}")
-        except ValueError:
-            return {}  # ``--in`` follows no link until the next scan records them again
-        return paths if isinstance(paths, dict) else {}
+        # Damaged: ``--in`` follows no link until the next scan records them again.
+        return {root: found for root, found in self._json_meta("link_paths").items() if isinstance(found, dict)}
 
     def places_linked_under(self, folder: Path) -> list[Path]:
         """Where the recorded symlinks at or under ``folder`` lead (``remember_links``). ``folder`` is taken as
@@ -451,7 +448,7 @@ class Library:
         given, real = Path(os.path.abspath(folder)), Path(os.path.realpath(folder))
         places = set()
         for found in self._link_paths().values():
-            for link, place in found.items() if isinstance(found, dict) else ():
+            for link, place in found.items():
                 link_path = Path(link)
                 seen_as = (link_path, Path(os.path.realpath(link_path.parent)) / link_path.name)
                 if any(way.is_relative_to(within) for way in seen_as for within in (given, real)):
@@ -477,9 +474,9 @@ class Library:
             paths.pop(os.fspath(root), None)
             rules.pop(os.fspath(root), None)
         with self._write_step():
-            self._set_meta("linked_folders", json.dumps(links, sort_keys=True))
-            self._set_meta("link_paths", json.dumps(paths, sort_keys=True))
-            self._set_meta("folder_rules", json.dumps(rules, sort_keys=True))
+            self._set_json_meta("linked_folders", links)
+            self._set_json_meta("link_paths", paths)
+            self._set_json_meta("folder_rules", rules)
 
     def remember_rules(self, rules: dict[Path, ScanRules]) -> None:
         """Record which files each scanned root counts, so that a ``ts2 index`` naming no folder scans it alike."""
@@ -487,7 +484,7 @@ class Library:
         for root, rule in rules.items():
             recorded[str(root)] = {"exclude": list(rule.exclude), "hidden": rule.include_hidden}
         with self._write_step():
-            self._set_meta("folder_rules", json.dumps(recorded, sort_keys=True))
+            self._set_json_meta("folder_rules", recorded)
 
     def folder_rules(self) -> dict[Path, ScanRules | None]:
         """The roots the library covers (as ``stats().folders``), sorted, each with the rules it was last scanned
@@ -496,11 +493,18 @@ class Library:
         return {Path(root): _rules_from_json(recorded.get(root)) for root in sorted(self._links())}
 
     def _rules(self) -> dict[str, Any]:
+        return self._json_meta("folder_rules")  # damaged: every root is skipped by a run naming none
+
+    def _json_meta(self, key: str) -> dict[str, Any]:
+        """A meta value that holds a JSON object; {} when it is missing or damaged."""
         try:
-            rules = json.loads(self._meta("folder_rules") or "{}")
+            value = json.loads(self._meta(key) or "{}")
         except ValueError:
             return {}
-        return rules if isinstance(rules, dict) else {}
+        return value if isinstance(value, dict) else {}
+
+    def _set_json_meta(self, key: str, value: dict[str, Any]) -> None:
+        self._set_meta(key, json.dumps(value, sort_keys=True))
 
     def begin_scan(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         """Mark every video under ``roots`` unseen; the scan then marks what it finds (mark_seen/put_*)."""
