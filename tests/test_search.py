@@ -287,6 +287,21 @@ def test_moved_weights_and_partial_model_options_find_the_library_model(own_libr
             load_library_model(lib, search_model_options(lib, "cpu", pretrained=str(other)))
 
 
+def test_an_empty_library_says_whether_an_index_is_running(tmp_path):
+    from ts2cli.search import require_searchable
+
+    writer = Library.open(tmp_path / "lib", write=True, create=True)  # a first run, or a --rebuild, under way
+    try:
+        with Library.open(tmp_path / "lib") as reader, pytest.raises(Ts2Error, match="a ts2 index is running on it"):
+            require_searchable(reader)
+    finally:
+        writer.close()
+    with Library.open(tmp_path / "lib") as reader, pytest.raises(Ts2Error, match=r"run `ts2 index FOLDER` first"):
+        require_searchable(reader)
+    with Library.open(tmp_path / "lib", write=True) as writer:  # the check takes no lock a writer would meet
+        assert writer.count_ok() == 0
+
+
 def test_like_an_indexed_video_needs_no_weights_and_a_bad_path_is_checked_first(own_library):
     library, weights, videos = own_library()
     weights.unlink()  # the stored features are all an indexed example needs

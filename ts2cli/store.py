@@ -579,6 +579,10 @@ class Library:
         """Every stored path, of videos and failed files."""
         return {row[0] for row in self._conn.execute("SELECT path FROM videos")}
 
+    def writer_running(self) -> bool:
+        """Whether another process holds the library's writer lock now (a ts2 index or forget is running)."""
+        return not self.write and _writer_holds(self.directory)
+
     def count_ok(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM videos WHERE status = 'ok'").fetchone()[0]
 
@@ -1403,6 +1407,24 @@ def _acquire_writer_lock(directory: Path, wait: float, on_wait: Callable[[], Non
     except BaseException:  # also Ctrl-C while waiting
         _close_all(fds)
         raise
+
+
+def _writer_holds(directory: Path) -> bool:
+    """Whether a writer holds ``DIR/lock``: a shared lock is refused while it does. (Taken and let go at once; a
+    writer starting in that instant would be refused as if another one ran, so this is for rare answers only.)"""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # never written to, or not ours to read
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _try_flock(fd: int) -> bool:
