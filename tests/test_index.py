@@ -142,7 +142,7 @@ class Recorder(Progress):
     def planned(self, total: int) -> None:
         self.events.append(("planned", total))
 
-    def done(self, path: Path, outcome: str) -> None:
+    def done(self, path: Path, outcome: str, reason: str = "") -> None:
         self.events.append(("done", outcome))
 
 
@@ -759,26 +759,32 @@ def test_forget_waits_for_another_writer_when_told(tmp_path):
     assert waiting.wait(timeout=120) == 0
 
 
-def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files):
-    """rich reads ``[bold]`` or ``[/red]`` in a string as markup: a path must not be taken for it (nor crash)."""
+def _odd_names_run(tmp_path: Path, tiny_files: Path, folder: Path, video_name: str, broken_name: str):
+    """Index ``folder`` holding a video and a broken file of these names, then ask `ts2 status` and `ts2 search`:
+    (video, broken, library, ts2, (indexed, status, found)), ``ts2`` running the CLI as those runs did."""
     from conftest import write_video
 
-    folder = tmp_path / "videos [bold]" / "d["  # the files below read as ".../d[/red].mp4", a closing tag
     folder.mkdir(parents=True)
-    video, broken = folder / "red].mp4", folder / "yellow].mp4"
+    video, broken = folder / video_name, folder / broken_name
     write_video(video, seconds=2, fps=8, width=64, height=48, texture=True)
     broken.write_bytes(b"not a video")
     library = tmp_path / "lib"
-
     environment = {**os.environ, "COLUMNS": "400"}  # one line per row, whatever the path's length
 
     def ts2(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, env=environment)
 
     indexed = subprocess.run(ts2_index(folder, library, tiny_files), capture_output=True, text=True, env=environment)
-    status = ts2("status", "--library", str(library))
     found = ts2("search", "a clip", "--library", str(library), "--device", "cpu")
-    for run in (indexed, status, found):
+    return video, broken, library, ts2, (indexed, ts2("status", "--library", str(library)), found)
+
+
+def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files):
+    """rich reads ``[bold]`` or ``[/red]`` in a string as markup: a path must not be taken for it (nor crash)."""
+    folder = tmp_path / "videos [bold]" / "d["  # the files below read as ".../d[/red].mp4", a closing tag
+    video, broken, library, ts2, runs = _odd_names_run(tmp_path, tiny_files, folder, "red].mp4", "yellow].mp4")
+    indexed, status, found = runs
+    for run in runs:
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     # failures are reported as they happen (stderr) and in the summary; tables are the answer (stdout)
     assert str(broken) in indexed.stderr and str(broken) in indexed.stdout and str(broken) in status.stdout
@@ -788,7 +794,7 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
     assert status_lines[failed_at + 1].startswith(str(broken))  # each failure under the count it belongs to
     assert str(video) in found.stdout
     # --json: a count, and the failures as `ts2 status --json` lists them (docs/cli.md), also for unchanged ones
-    rerun = subprocess.run([*ts2_index(folder, library, tiny_files), "--json"], capture_output=True, env=environment)
+    rerun = subprocess.run([*ts2_index(folder, library, tiny_files), "--json"], capture_output=True)
     again = json.loads(rerun.stdout)
     reason = {"path": str(broken), "reason": "not a video file or unsupported format (or the file is damaged)"}
     assert again["failed"] == 1 and again["failures"] == [reason] and again["failed_unchanged"] == 1
@@ -802,23 +808,11 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path, tiny_files)
 
 def test_control_characters_in_file_names_are_shown_escaped(tmp_path, tiny_files):
     """A newline in a file name must not split a table row, nor a terminal escape in one colour the screen."""
-    from conftest import write_video
-
     folder = tmp_path / "odd"
-    folder.mkdir()
-    video, broken = folder / "two\nlines.mp4", folder / "bell\a and \x1b[31mred.mp4"
-    write_video(video, seconds=2, fps=8, width=64, height=48, texture=True)
-    broken.write_bytes(b"not a video")
-    library = tmp_path / "lib"
-    environment = {**os.environ, "COLUMNS": "400"}
-
-    def ts2(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ts2cli", *args], capture_output=True, text=True, env=environment)
-
-    indexed = subprocess.run(ts2_index(folder, library, tiny_files), capture_output=True, text=True, env=environment)
-    status = ts2("status", "--library", str(library))
-    found = ts2("search", "a clip", "--library", str(library), "--device", "cpu")
-    for run in (indexed, status, found):
+    names = ("two\nlines.mp4", "bell\a and \x1b[31mred.mp4")
+    video, _, library, ts2, runs = _odd_names_run(tmp_path, tiny_files, folder, *names)
+    indexed, status, found = runs
+    for run in runs:
         assert run.returncode == 0, run.stderr
         assert "\x1b" not in run.stdout + run.stderr and "\a" not in run.stdout + run.stderr
     shown_video, shown_broken = str(folder / "two\\nlines.mp4"), str(folder / "bell\\x07 and \\x1b[31mred.mp4")
