@@ -118,13 +118,19 @@ def unused_beside_checkpoint(
     and CLIP weights; the user is told that the ones they named play no part."""
     if checkpoint is None or not (model or pretrained):
         return model, pretrained
-    given = [option for option, value in (("--model", model), ("--pretrained", pretrained)) if value]
-    console.print(
-        f"[yellow]note:[/yellow] {' and '.join(given)} {'is' if len(given) == 1 else 'are'} not used with "
-        "--checkpoint: a checkpoint brings its own backbone and CLIP weights.",
-        soft_wrap=True,
+    note_unused(
+        {"--model": model, "--pretrained": pretrained},
+        "not used with --checkpoint: a checkpoint brings its own backbone and CLIP weights",
     )
     return None, None
+
+
+def note_unused(options: dict[str, object], why: str) -> None:
+    """A note naming the options among ``options`` (name: value) that were given, which play no part, and ``why``."""
+    given = [name for name, value in options.items() if value]
+    if given:
+        verb = "is" if len(given) == 1 else "are"
+        console.print(f"[yellow]note:[/yellow] {' and '.join(given)} {verb} {why}.", soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

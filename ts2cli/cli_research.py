@@ -392,18 +392,13 @@ def train_captions(
 def _resume_note(resume: bool, model: str | None, pretrained: str | None, checkpoint: Path | None) -> None:
     """A resumed run goes on with the weights of its last saved epoch: the model options it was started with are
     not read again."""
-    given = [
-        option
-        for option, value in (("--model", model), ("--pretrained", pretrained), ("--checkpoint", checkpoint))
-        if value
-    ]
-    if resume and given:
-        from .cli import console
+    if resume:
+        from .cli import note_unused
 
-        console.print(
-            f"[yellow]note:[/yellow] {' and '.join(given)} {'is' if len(given) == 1 else 'are'} not read again "
-            "with --resume: the run goes on from its last saved epoch, with the model it was started from.",
-            soft_wrap=True,
+        note_unused(
+            {"--model": model, "--pretrained": pretrained, "--checkpoint": checkpoint},
+            "not read again with --resume: the run goes on from its last saved epoch, with the model it was "
+            "started from",
         )
 
 

@@ -34,7 +34,7 @@ from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
 from .scan import ScanRules, check_roots, file_digest, fingerprint, scan_videos
 from .search import global_vector
-from .store import MODEL_SOURCE_KEY, Library, printable_path, storable_path
+from .store import MODEL_SOURCE_KEY, Library, VideoRow, printable_path, storable_path
 
 if TYPE_CHECKING:  # torch and the model are imported only when a video is to be embedded (``ModelOnDemand``)
     import torch
@@ -488,7 +488,7 @@ def _plan(
             summary.unchanged += 1
             continue
         work = _Work(path, stat.st_size, stat.st_mtime, digest)
-        if row is None and _reuse_same_content(library, work):
+        if row is None and _reuse_same_content(library, work, library.find_by_fingerprint(digest, stat.st_size)):
             summary.moved += 1
         elif (digest, stat.st_size) in planned:
             copies.append(work)
@@ -502,18 +502,20 @@ def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSu
     the same way); returns the copies whose original left neither (it vanished mid-run), to be embedded."""
     orphans = []
     for work in copies:
-        if _reuse_same_content(library, work):
+        twins = library.find_by_fingerprint(work.fingerprint, work.size)
+        if _reuse_same_content(library, work, twins):
             summary.moved += 1
-        elif failed := [twin for twin in library.find_by_fingerprint(work.fingerprint, work.size) if twin.error]:
+        elif failed := [twin for twin in twins if twin.error]:
             _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, failed[0].error)
         else:
             orphans.append(work)
     return orphans
 
 
-def _reuse_same_content(library: Library, work: _Work) -> bool:
-    """A renamed or moved file keeps its features (and its id); a copy gets a copy of them."""
-    for twin in library.find_by_fingerprint(work.fingerprint, work.size):
+def _reuse_same_content(library: Library, work: _Work, twins: list[VideoRow]) -> bool:
+    """A renamed or moved file keeps its features (and its id); a copy gets a copy of them. ``twins``: the
+    library's rows with the file's fingerprint and size."""
+    for twin in twins:
         if twin.status != "ok":
             continue
         # gone, or now a way to this very file (a folder on its path became a symlink): moved, not copied

@@ -460,9 +460,7 @@ class Library:
     ) -> int:
         """How many rows (videos and failed files, or only the indexed videos) lie at or under ``place``, or under
         one of the places ``also`` names (each row counted once)."""
-        conditions = [_under_root(one) for one in (place, *also)]
-        where = " OR ".join(f"({condition})" for condition, _ in conditions)
-        args = [arg for _, condition_args in conditions for arg in condition_args]
+        where, args = _under_any([place, *also])
         status = "status = 'ok' AND " if indexed_only else ""
         return int(self._conn.execute(f"SELECT COUNT(*) FROM videos WHERE {status}({where})", args).fetchone()[0])
 
@@ -568,10 +566,7 @@ class Library:
         symlink to a folder finds what was indexed through it), and inside the places that symlinks under it
         led to when it was scanned."""
         folder = Path(folder).expanduser()
-        places = [folder.resolve(), *self.places_linked_under(folder)]
-        conditions = [_under_root(place) for place in places]
-        where = " OR ".join(f"({condition})" for condition, _ in conditions)
-        args = [arg for _, condition_args in conditions for arg in condition_args]
+        where, args = _under_any([folder.resolve(), *self.places_linked_under(folder)])
         rows = self._conn.execute(f"SELECT id FROM videos WHERE status = 'ok' AND ({where}) ORDER BY id", args)
         return [row[0] for row in rows]
 
@@ -1196,6 +1191,13 @@ def _under_root(root: str | os.PathLike[str]) -> tuple[str, list[str]]:
     return "(path >= ? AND path < ?) OR path = ?", [low, high, base or os.sep]
 
 
+def _under_any(places: Sequence[str | os.PathLike[str]]) -> tuple[str, list[str]]:
+    """SQL condition + arguments for 'path is or lies inside one of ``places``' (``_under_root`` for each)."""
+    conditions = [_under_root(place) for place in places]
+    where = " OR ".join(f"({condition})" for condition, _ in conditions)
+    return where, [arg for _, condition_args in conditions for arg in condition_args]
+
+
 def _video_row(row: Sequence[Any]) -> VideoRow:
     return VideoRow(
         id=row[0],
@@ -1417,19 +1419,18 @@ def _writer_holds(directory: Path) -> bool:
     except OSError:
         return False  # never written to, or not ours to read
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        return not _try_flock(fd, fcntl.LOCK_SH)
     except OSError:
         return False
     finally:
         os.close(fd)
 
 
-def _try_flock(fd: int) -> bool:
+def _try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
+    """Take a lock of ``kind`` (exclusive or shared) without waiting; False if another process's lock stands in
+    the way."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
