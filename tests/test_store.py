@@ -516,6 +516,121 @@ def test_stale_ann_is_rebuilt(
         assert lib.last_ann_load == "disk"
 
 
+def _killed_before_saving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make writers stop as a killed ts2 index does: after their last commit, before the ANN files are saved."""
+    monkeypatch.setattr(Library, "save_ann", lambda self: None)
+
+
+def _log(libdir: Path) -> tuple[list[int], list[int]]:
+    with sqlite3.connect(libdir / DB_FILE) as conn:
+        generations = [row[0] for row in conn.execute("SELECT number FROM generations ORDER BY number")]
+        changed = [row[0] for row in conn.execute("SELECT video_id FROM vector_changes ORDER BY video_id")]
+    return generations, changed
+
+
+def test_a_killed_writers_changes_are_caught_up_not_rebuilt(
+    libdir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Searches during (or after a kill of) a long ts2 index bring the last saved index up to date from the change
+    log: a rebuild takes a minute at 100,000 videos."""
+    with Library.open(libdir, write=True, create=True) as lib:
+        for i in range(30):
+            _put(lib, f"/v/{i}.mp4", rng)
+    saved = json.loads((libdir / ANN_META_FILE).read_text())
+    assert _log(libdir) == ([saved["generation"]], [])  # a save forgets the changes it holds
+    _killed_before_saving(monkeypatch)
+    with Library.open(libdir, write=True) as lib:
+        removed = {lib.get_by_path(f"/v/{i}.mp4").id for i in (0, 5)}  # type: ignore[union-attr]
+        new_id, new_frames = _put(lib, "/v/new.mp4", rng)
+        lib.commit()
+        replaced_id, replaced_frames = _put(lib, "/v/3.mp4", rng)
+        lib.put_failure("/v/5.mp4", size=1, mtime=1, fingerprint=None, error="now broken")
+        lib.begin_scan(["/v/0.mp4"])
+        lib.sweep_unseen(["/v/0.mp4"])
+    assert json.loads((libdir / ANN_META_FILE).read_text()) == saved  # the files are the old ones
+    with Library.open(libdir) as lib:
+        found, sims = lib.knn(new_frames.mean(axis=0), 1)
+        assert lib.last_ann_load == "caught up"
+        assert found.tolist() == [new_id] and sims[0] == pytest.approx(1.0, abs=1e-5)
+        assert lib.knn(replaced_frames.mean(axis=0), 1)[0].tolist() == [replaced_id]
+        ids, vectors = lib.global_vectors()
+        assert _all_ann_ids(lib) == set(ids.tolist()) and len(ids) == 29 and not removed & set(ids.tolist())
+        for i in range(len(ids)):
+            assert lib.knn(vectors[i], 1)[0].tolist() == [ids[i]]
+    assert json.loads((libdir / ANN_META_FILE).read_text()) == saved  # readers leave saving to the writer
+    monkeypatch.undo()
+    with Library.open(libdir, write=True) as lib:  # the next writer saves what it caught up to
+        assert lib.ann() is not None and lib.last_ann_load == "caught up"
+    with Library.open(libdir) as lib:
+        assert _all_ann_ids(lib) == set(ids.tolist()) and lib.last_ann_load == "disk"
+    assert _log(libdir) == ([json.loads((libdir / ANN_META_FILE).read_text())["generation"]], [])
+
+
+def test_a_reader_whose_index_the_log_has_forgotten_reads_the_files(libdir: Path, rng: np.random.Generator) -> None:
+    with Library.open(libdir, write=True, create=True) as writer:
+        _put(writer, "/v/1.mp4", rng)
+    with Library.open(libdir) as reader:
+        assert len(_all_ann_ids(reader)) == 1 and reader.last_ann_load == "disk"
+        with Library.open(libdir, write=True) as writer:
+            _put(writer, "/v/2.mp4", rng)
+            writer.commit()
+            _put(writer, "/v/3.mp4", rng)  # saved at the end, forgetting the generation the reader is at
+        assert len(_all_ann_ids(reader)) == 3 and reader.last_ann_load == "disk"
+
+
+@pytest.mark.parametrize("history", ["written by a ts2 without the log", "emptied", "log damaged", "power cut"])
+def test_an_index_the_log_cannot_vouch_for_is_rebuilt(
+    libdir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, history: str
+) -> None:
+    with Library.open(libdir, write=True, create=True) as lib:
+        for i in range(10):
+            _put(lib, f"/v/{i}.mp4", rng)
+    _killed_before_saving(monkeypatch)
+    with Library.open(libdir, write=True) as lib:
+        if history == "emptied":
+            lib.clear(MODEL)
+        _put(lib, "/v/new.mp4", rng)
+    if history == "written by a ts2 without the log":  # it bumps the generation and logs nothing
+        with sqlite3.connect(libdir / DB_FILE) as conn:
+            conn.execute("DELETE FROM videos WHERE path = '/v/1.mp4'")
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            conn.execute("UPDATE meta SET value = 'not logged' WHERE key = 'generation_id'")
+    elif history == "log damaged":  # the one vector that changed is missing from it: the counts disagree
+        with sqlite3.connect(libdir / DB_FILE) as conn:
+            conn.execute("DELETE FROM vector_changes")
+    elif history == "power cut":  # SQLite lost the saved generation (and reached its number again)
+        with sqlite3.connect(libdir / DB_FILE) as conn:
+            saved = json.loads((libdir / ANN_META_FILE).read_text())["generation"]
+            conn.execute("UPDATE generations SET token = 'another' WHERE number = ?", (saved,))
+    with Library.open(libdir) as lib:
+        ids, vectors = lib.global_vectors()
+        assert _all_ann_ids(lib) == set(ids.tolist()) and lib.last_ann_load == "rebuilt"
+        assert lib.knn(vectors[-1], 1)[0].tolist() == [ids[-1]]
+
+
+def test_a_library_from_before_the_log_gets_one(
+    libdir: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Library.open(libdir, write=True, create=True) as lib:
+        _put(lib, "/v/1.mp4", rng)
+    with sqlite3.connect(libdir / DB_FILE) as conn:
+        conn.execute("DROP TABLE generations")
+        conn.execute("DROP TABLE vector_changes")
+    with Library.open(libdir) as lib:  # readers work without it (and do not write)
+        assert len(_all_ann_ids(lib)) == 1 and lib.last_ann_load == "disk"
+    assert not _table_names(libdir) & {"generations", "vector_changes"}
+    _killed_before_saving(monkeypatch)
+    with Library.open(libdir, write=True) as lib:  # a writer starts the log at the saved generation
+        _put(lib, "/v/2.mp4", rng)
+    with Library.open(libdir) as lib:
+        assert len(_all_ann_ids(lib)) == 2 and lib.last_ann_load == "caught up"
+
+
+def _table_names(libdir: Path) -> set[str]:
+    with sqlite3.connect(libdir / DB_FILE) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 @pytest.mark.parametrize("damage", ["garbage index", "truncated index", "missing index", "garbage sidecar"])
 def test_damaged_ann_is_rebuilt(libdir: Path, rng: np.random.Generator, damage: str) -> None:
     with Library.open(libdir, write=True, create=True) as lib:
@@ -549,6 +664,7 @@ def test_reader_follows_a_writer(libdir: Path, rng: np.random.Generator) -> None
             assert len(_all_ann_ids(reader)) == 1  # not committed yet
             writer.commit()
             assert len(_all_ann_ids(reader)) == 2
+            assert reader.last_ann_load == "caught up"  # the index it held, brought up to date in memory
 
 
 def test_deleted_slots_are_reused(libdir: Path, rng: np.random.Generator) -> None:

@@ -581,7 +581,7 @@ def _embed_all(
                     _timed_commit(library, stats)
                     since_commit = 0
                 if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
-                    # searches during a long run would otherwise rebuild the ANN index from SQLite each time
+                    # bounds the change log that searches during a long run apply to the saved ANN index
                     library.save_ann()
                     last_save = time.monotonic()
             if batch:

@@ -2,8 +2,9 @@
 
 A library is one directory. ``library.sqlite3`` is the source of truth (videos, their per-frame and global
 features, the model they were computed with). ``ann.hnsw`` + ``ann.json`` hold an hnswlib index over the
-global vectors; it is only a cache, tagged with the SQLite *generation* it was built from, and is rebuilt
-from SQLite whenever the tag does not match. A kill at any moment therefore costs at most a rebuild.
+global vectors; it is only a cache, tagged with the SQLite *generation* it was built from. When the tag is older
+than SQLite's, the vectors the change log names are applied to it; when the log cannot vouch for the tag (or the
+files are damaged) it is rebuilt from SQLite. A kill at any moment therefore costs at most a rebuild.
 The format is described for humans in ``docs/library-format.md``.
 
 Locking: one writer at a time (``flock`` on ``DIR/lock`` and on ``DIR``, held for the writer's whole life);
@@ -59,7 +60,7 @@ _MMAP_BYTES = 1 << 30
 _CACHE_KIB = 64 * 1024
 _ERROR_MAX_CHARS = 500
 
-AnnSource = Literal["disk", "rebuilt", "empty"]
+AnnSource = Literal["disk", "caught up", "rebuilt", "empty"]
 
 
 def default_library_dir() -> Path:
@@ -116,6 +117,15 @@ class _Generation:
     token: str
 
 
+@dataclass(frozen=True, slots=True)
+class _VectorChanges:
+    current: _Generation
+    vectors: dict[int, np.ndarray | None]
+    """Per video whose vector changed since the generation asked about: its vector now, or None if it has none."""
+    live: int | None
+    """How many videos have a vector at ``current`` (None when nothing changed)."""
+
+
 _VIDEO_COLUMNS = (
     "id, path, size, mtime, fingerprint, duration, width, height, frame_times, status, error, indexed_at, seen"
 )
@@ -149,6 +159,17 @@ _SCHEMA_V1 = (
     )""",
 )
 
+# The change log that lets a saved ANN index be brought up to date instead of rebuilt. Not part of _SCHEMA_V1's
+# version: a ts2 that predates it neither writes nor reads it, and the log proves itself complete (one row per
+# generation since the one it starts from) before it is used, so such a ts2 writing the library only costs a rebuild.
+_CHANGE_LOG = (
+    # Every generation since the oldest one an ANN index file may still be at, with its token.
+    "CREATE TABLE IF NOT EXISTS generations (number INTEGER PRIMARY KEY, token TEXT NOT NULL)",
+    # The last generation at which each video's vector was added, replaced or removed (no foreign key: a
+    # removed video's row says that it went away).
+    "CREATE TABLE IF NOT EXISTS vector_changes (video_id INTEGER PRIMARY KEY, generation INTEGER NOT NULL)",
+)
+
 # MIGRATIONS[v] upgrades a schema-v database to v+1 inside the open transaction.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
@@ -170,6 +191,7 @@ class Library:
         self._ann_dirty = False  # in memory differs from the files
         self._pending: dict[int, np.ndarray | None] = {}
         self._pending_reset = False
+        self._has_change_log = False
         self.last_ann_load: AnnSource | None = None  # how ann() last obtained the index (diagnostics)
 
     # ------------------------------------------------------------------ opening and closing
@@ -260,6 +282,9 @@ class Library:
             )
         elif version < SCHEMA_VERSION:
             self._migrate()
+        if self.write:
+            self._start_change_log()
+        self._has_change_log = self._table_exists("vector_changes")
 
     def _schema_version(self) -> int | None:
         try:
@@ -297,6 +322,27 @@ class Library:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+
+    def _start_change_log(self) -> None:
+        """Create the change log in a library made before it existed; it starts at the current generation."""
+        if self._table_exists("vector_changes"):
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._table_exists("vector_changes"):
+                for statement in _CHANGE_LOG:
+                    self._conn.execute(statement)
+                current = self._generation()
+                row = (current.number, current.token)
+                self._conn.execute("INSERT INTO generations (number, token) VALUES (?, ?)", row)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _table_exists(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._conn.execute(query, (name,)).fetchone() is not None
 
     def _migrate(self) -> None:
         self._conn.execute("BEGIN IMMEDIATE")
@@ -757,12 +803,24 @@ class Library:
                     new = _Generation(old.number + 1, secrets.token_hex(8))
                     self._set_meta("generation", str(new.number))
                     self._set_meta("generation_id", new.token)
+                    self._log_changes(new)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self.rollback()
                 raise LibraryError(f"Could not save to the library at {self.directory}: {exc}.") from exc
             if changed:
                 self._apply_pending(new)
+
+    def _log_changes(self, new: _Generation) -> None:
+        if self._pending_reset:  # no saved index can be brought up to date across an emptying
+            self._conn.execute("DELETE FROM generations")
+            self._conn.execute("DELETE FROM vector_changes")
+        self._conn.execute("INSERT INTO generations (number, token) VALUES (?, ?)", (new.number, new.token))
+        self._conn.executemany(
+            "INSERT INTO vector_changes (video_id, generation) VALUES (?, ?) "
+            "ON CONFLICT (video_id) DO UPDATE SET generation = excluded.generation",
+            [(video_id, new.number) for video_id in self._pending],
+        )
 
     def rollback(self) -> None:
         """Drop buffered writes (the in-memory ANN index still matches the committed state)."""
@@ -776,8 +834,9 @@ class Library:
     def ann(self) -> hnswlib.Index | None:
         """The ANN index over the committed global vectors (None for an empty library).
 
-        Loads ``ann.hnsw`` when its sidecar matches SQLite's generation, otherwise rebuilds it from the
-        features table and saves it. A writer's buffered changes are committed first.
+        Loads ``ann.hnsw`` when its sidecar matches SQLite's generation, brings it up to date from the change log
+        when it is older, and otherwise rebuilds it from the features table and saves it. A writer's buffered
+        changes are committed first.
         """
         if self.write:
             self.commit()
@@ -824,8 +883,7 @@ class Library:
         if self._ann_gen is None:
             if self._files_generation() == self._generation():
                 return
-            self._load_ann()  # rebuilds, and saves
-            return
+            self._load_ann()  # a rebuilt index is saved as it is made; one brought up to date is saved below
         if self._ann_dirty or self._files_generation() != self._ann_gen:
             try:
                 self._write_ann_files(self._ann, self._ann_gen, self._ann_count)
@@ -842,16 +900,70 @@ class Library:
             self._load_ann()
 
     def _load_ann(self) -> None:
-        index, gen, count = self._read_ann_files()
-        source: AnnSource = "disk"
-        saved = True
-        if gen is None:
-            index, gen, count = self._rebuild_ann()
-            source = "rebuilt" if count else "empty"
-            saved = self._try_save(index, gen, count)
-        self._ann, self._ann_gen, self._ann_count = index, gen, count
+        loaded = None
+        if self._ann_gen is not None:  # a reader that follows a writer brings what it holds up to date
+            loaded = self._caught_up(self._ann, self._ann_gen, self._ann_count, self._changes_since(self._ann_gen))
+        source: AnnSource = "caught up"
+        if loaded is None:
+            self._ann, self._ann_gen, self._ann_count = None, None, 0  # what it held may be half updated
+            loaded, source = self._read_ann_files()
+        saved = source == "disk"
+        if loaded is None:
+            loaded = self._rebuild_ann()
+            source = "rebuilt" if loaded[2] else "empty"
+            saved = self._try_save(*loaded)
+        self._ann, self._ann_gen, self._ann_count = loaded
         self._ann_dirty = not saved
         self.last_ann_load = source
+
+    def _changes_since(self, gen: _Generation) -> _VectorChanges | None:
+        """How the vectors changed after generation ``gen``; None when the change log cannot tell: ``gen`` is not
+        in this database's history (a power cut took it back, the library was emptied since) or is older than the
+        log, or a ts2 that keeps no log has written since (a generation is missing)."""
+        with self._read_snapshot():
+            current = self._generation()
+            if current == gen:
+                return _VectorChanges(current, {}, None)
+            if not self._has_change_log or gen.number > current.number:
+                return None
+            tokens = dict(
+                self._conn.execute(
+                    "SELECT number, token FROM generations WHERE number IN (?, ?)", (gen.number, current.number)
+                )
+            )
+            (logged,) = self._conn.execute(
+                "SELECT COUNT(*) FROM generations WHERE number > ? AND number <= ?", (gen.number, current.number)
+            ).fetchone()
+            if tokens.get(gen.number) != gen.token or tokens.get(current.number) != current.token:
+                return None
+            if logged != current.number - gen.number:
+                return None
+            ids = [row[0] for row in self._conn.execute(
+                "SELECT video_id FROM vector_changes WHERE generation > ?", (gen.number,)
+            )]  # fmt: skip
+            vectors = self._global_vectors_of(ids)
+            return _VectorChanges(current, {video_id: vectors.get(video_id) for video_id in ids}, self.count_ok())
+
+    def _caught_up(
+        self, index: hnswlib.Index | None, gen: _Generation, count: int, changes: _VectorChanges | None
+    ) -> tuple[hnswlib.Index | None, _Generation, int] | None:
+        """``index`` (at ``gen``, ``count`` live vectors) with ``changes`` applied in place; None if they are None
+        or the result does not hold one vector per indexed video (then the index is not to be used)."""
+        if changes is None:
+            return None
+        if changes.current == gen:
+            return index, gen, count
+        index, count = _apply_changes(index, count, changes.vectors)
+        return (index, changes.current, count) if count == changes.live else None
+
+    def _global_vectors_of(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        vectors: dict[int, np.ndarray] = {}
+        for chunk in _chunks(list(ids)):
+            rows = self._conn.execute(
+                f"SELECT video_id, global FROM features WHERE video_id IN ({_marks(len(chunk))})", chunk
+            )
+            vectors.update((video_id, np.frombuffer(blob, dtype="<f4")) for video_id, blob in rows)
+        return vectors
 
     def _rebuild_ann(self) -> tuple[hnswlib.Index | None, _Generation, int]:
         # Streams the vectors in chunks so a big library never sits in memory twice.
@@ -892,38 +1004,36 @@ class Library:
             self._pending_reset = False
 
     def _apply_to_index(self, gen: _Generation) -> None:
-        index = self._ann
-        # Deletions first, so that the additions can reuse the freed slots.
-        for video_id in [i for i, v in self._pending.items() if v is None]:
-            self._ann_count -= _ann_remove(index, video_id)
-        additions = {i: v for i, v in self._pending.items() if v is not None}
-        if additions:
-            if index is None:
-                index = _new_index(len(next(iter(additions.values()))), len(additions))
-            self._ann_count += _ann_upsert(index, additions, self._ann_count)
-        self._ann, self._ann_gen, self._ann_dirty = index, gen, True
+        self._ann, self._ann_count = _apply_changes(self._ann, self._ann_count, self._pending)
+        self._ann_gen, self._ann_dirty = gen, True
 
-    def _read_ann_files(self) -> tuple[hnswlib.Index | None, _Generation | None, int]:
-        """The saved index if its sidecar matches SQLite's generation, else (None, None, 0)."""
+    def _read_ann_files(self) -> tuple[tuple[hnswlib.Index | None, _Generation, int] | None, AnnSource]:
+        """The saved index, brought up to date if it is older than SQLite's generation; None if it is missing,
+        damaged or cannot be brought up to date. With how it was obtained ("disk" or "caught up")."""
         with _ann_files_lock(self.directory, shared=True):
             meta = self._read_sidecar()
-            current = self._generation()
-            if meta is None or _Generation(meta["generation"], meta["generation_id"]) != current:
-                return None, None, 0
+            if meta is None:
+                return None, "disk"
+            gen = _Generation(meta["generation"], meta["generation_id"])
+            # Read under the lock: a writer that saves a newer index forgets the log before it (_forget_changes).
+            changes = self._changes_since(gen)
+            if changes is None:
+                return None, "disk"
+            source: AnnSource = "disk" if changes.current == gen else "caught up"
             if meta["count"] == 0:
-                return None, current, 0
+                return self._caught_up(None, gen, 0, changes), source
             path = self.directory / ANN_FILE
             try:
                 if path.stat().st_size != meta["index_bytes"]:
-                    return None, None, 0
+                    return None, "disk"
                 # Always a fresh Index object: reloading into a used one crashes hnswlib on bad files.
                 index = hnswlib.Index(space=ANN_SPACE, dim=int(meta["dim"]))
                 index.load_index(str(path), allow_replace_deleted=True)
             except (OSError, RuntimeError, ValueError, MemoryError):
-                return None, None, 0
+                return None, "disk"
         if index.dim != self._library_dim() or index.get_current_count() < meta["count"]:
-            return None, None, 0
-        return index, current, int(meta["count"])
+            return None, "disk"
+        return self._caught_up(index, gen, int(meta["count"]), changes), source
 
     def _read_sidecar(self) -> dict[str, Any] | None:
         try:
@@ -987,8 +1097,29 @@ class Library:
             }
             write_text_atomically(directory / ANN_META_FILE, json.dumps(sidecar, indent=1) + "\n")
             _fsync_dir(directory)
+            if self.write:
+                self._forget_changes(gen)
         if self._ann is index and self._ann_gen == gen:
             self._ann_dirty = False
+
+    def _forget_changes(self, saved: _Generation) -> None:
+        """Drop the part of the change log that no saved index needs any more: the files are at ``saved`` now."""
+        statements = (
+            ("DELETE FROM generations WHERE number < ?", (saved.number,)),
+            ("DELETE FROM vector_changes WHERE generation <= ?", (saved.number,)),
+        )
+        if self._conn.in_transaction:  # an index rebuilt for a write: the forgetting is committed with it
+            for statement in statements:
+                self._conn.execute(*statement)
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                self._conn.execute(*statement)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     # ------------------------------------------------------------------ feature reads
 
@@ -1324,6 +1455,22 @@ def _new_index(dim: int, capacity: int) -> hnswlib.Index:
         allow_replace_deleted=True,
     )
     return index
+
+
+def _apply_changes(
+    index: hnswlib.Index | None, live: int, changes: dict[int, np.ndarray | None]
+) -> tuple[hnswlib.Index | None, int]:
+    """``index`` (``live`` vectors) with ``changes`` (label -> new unit vector, or None for "remove") applied in
+    place, or a new index if there was none; and how many live vectors it holds now."""
+    # Removals first, so that the additions can reuse the freed slots.
+    for label in [label for label, vector in changes.items() if vector is None]:
+        live -= _ann_remove(index, label)
+    additions = {label: vector for label, vector in changes.items() if vector is not None}
+    if additions:
+        if index is None:
+            index = _new_index(len(next(iter(additions.values()))), len(additions))
+        live += _ann_upsert(index, additions, live)
+    return index, live
 
 
 def _ann_is_live(index: hnswlib.Index, label: int) -> bool:
