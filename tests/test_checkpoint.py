@@ -266,3 +266,26 @@ def test_more_frames_than_the_temporal_transformer_has_positions_for_is_refused_
 def test_a_folder_given_as_checkpoint_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError, match="is a folder; --checkpoint takes a file"):
         read_checkpoint(tmp_path)
+
+
+def test_a_model_recorded_before_the_topk_choice_keeps_the_topk_it_ran_with(tmp_path):
+    """Until the inference top-k was an option, fixed mode ran the hard one: a library indexed then records no
+    "topk", and its vectors must go on being made with the hard top-k, not mixed with perturbed ones."""
+    from ts2cli.model.loading import options_from_source
+    from ts2cli.store import MODEL_SOURCE_KEY, same_model
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_checkpoint(tiny_net(), checkpoint, dataclasses.replace(tiny_net().config))
+    loaded = {
+        topk: load_model(ModelOptions(checkpoint=checkpoint, device="cpu", topk=topk)) for topk in ("perturbed", "hard")
+    }
+    assert load_model(ModelOptions(checkpoint=checkpoint, device="cpu")).identity["topk"] == "perturbed"
+    old = {k: v for k, v in loaded["hard"].identity.items() if k != "topk"}
+    old[MODEL_SOURCE_KEY] = {k: v for k, v in old[MODEL_SOURCE_KEY].items() if k != "topk"}
+    assert same_model(old, loaded["hard"].identity) and not same_model(old, loaded["perturbed"].identity)
+    again = load_model(options_from_source(old[MODEL_SOURCE_KEY], "cpu"))
+    assert again.config.inference_topk == "hard" and same_model(again.identity, old)
+    official = {**old, "compat": "official"}
+    assert same_model(official, {**loaded["perturbed"].identity, "compat": "official"})
+    zero_shot = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu")).identity
+    assert "topk" not in zero_shot  # selects no tokens: its records are unchanged

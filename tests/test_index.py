@@ -238,6 +238,7 @@ def test_a_model_request_names_local_files_by_content(tmp_path):
     assert model_request("ViT-B-32", "openai", None, "fixed") == {
         "model": "ViT-B-32", "pretrained": "openai", "checkpoint": None, "compat": "fixed"
     }  # fmt: skip
+    assert model_request("ViT-B-32", "openai", None, "fixed", "hard")["topk"] == "hard"
 
 
 def test_running_out_of_memory_names_the_option_and_keeps_what_was_done(tmp_path, make_video, library):

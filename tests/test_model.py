@@ -188,8 +188,9 @@ def test_similarity_of_a_video_without_valid_frames_stays_finite():
 # --- the assembled model ------------------------------------------------------------------------------------------
 
 
-def test_fixed_mode_video_embedding_does_not_depend_on_batch_mates():
-    net = tiny_net(compat="fixed")
+@pytest.mark.parametrize("topk", ["perturbed", "hard"])
+def test_fixed_mode_video_embedding_does_not_depend_on_batch_mates(topk):
+    net = tiny_net(compat="fixed", inference_topk=topk)
     videos = random_video(3, seed=3)
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, 5:] = 0
@@ -200,8 +201,29 @@ def test_fixed_mode_video_embedding_does_not_depend_on_batch_mates():
             torch.cat([random_video(2, seed=9), videos[1:2]]),
             torch.cat([torch.ones(2, 12, dtype=torch.long), mask[1:2]]),
         )
+        again, _ = net.encode_video(videos[1:2], mask[1:2])
     torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(with_others[2], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, alone)  # nothing is drawn from a running generator
+
+
+def test_fixed_mode_selects_with_the_perturbed_topk_by_default_and_the_same_noise_for_every_video():
+    """Spec §10.1, quirk 5: inference selects with the perturbed top-k the model is trained with unless asked for
+    the hard one. Corrected inference gives each video the noise drawn from the seed for one video's frames."""
+    perturbed, hard = tiny_net(spread_scores=False), tiny_net(spread_scores=False, inference_topk="hard")
+    assert perturbed.config.inference_topk == "perturbed"
+    videos, mask = random_video(2, frames=4, seed=5), torch.ones(2, 4, dtype=torch.long)
+    with torch.no_grad():
+        soft, _ = perturbed.encode_video(videos, mask)
+        plain, _ = hard.encode_video(videos, mask)
+    assert not torch.allclose(soft, plain, atol=1e-4)
+    selector = perturbed.selector
+    tokens = torch.randn(2 * 4, 17, 64)
+    scores = selector.predictor(tokens)[:, 1:]
+    one_video = torch.randn((4, selector.samples, 16), generator=torch.Generator().manual_seed(selector.seed))
+    expected = PerturbedTopK.apply(scores, one_video.repeat(2, 1, 1), selector.top_k, selector.sigma)
+    selected = torch.einsum("nkp,npd->nkd", expected, tokens[:, 1:])
+    torch.testing.assert_close(selector(tokens, hard=False, frames_per_video=4)[:, 1:], selected)
 
 
 def test_official_mode_uses_noise_and_fixed_frame_count():

@@ -34,6 +34,28 @@ def test_bf16_check_measures_feature_agreement_and_time():
     assert comparison.time_ratio > 0
 
 
+def test_the_bf16_check_leaves_the_selection_noise_of_its_batch_alone():
+    """Official mode draws selection noise from a running generator: the check's two forward passes must not use
+    up the noise of the batch it runs on (each network sees that noise), or a run's features would depend on
+    whether the check ran."""
+    net = tiny_net(compat="official")
+    pixels, mask = random_video(2), torch.ones(2, 12, dtype=torch.long)
+    with torch.inference_mode():
+        expected, _ = net.encode_video(pixels, mask)
+    net.selector.reseed()
+    reduced = cast_copy(net, torch.bfloat16)
+    compare_reduced(net, reduced, pixels, mask)
+    with torch.inference_mode():
+        after_check, _ = net.encode_video(pixels, mask)
+    assert torch.equal(after_check, expected)
+    fp32_copy = cast_copy(net, torch.float32)
+    net.selector.reseed()
+    compare_reduced(net, fp32_copy, pixels, mask)
+    with torch.inference_mode():
+        from_the_copy, _ = fp32_copy.encode_video(pixels, mask)
+    torch.testing.assert_close(from_the_copy, expected, rtol=1e-4, atol=1e-5)  # the copy goes on from there too
+
+
 def test_folding_quick_gelu_into_silu_keeps_the_features():
     net = tiny_net(frames=4)
     pixels, mask = random_video(2, frames=4), torch.ones(2, 4, dtype=torch.long)

@@ -33,6 +33,7 @@ from .cli_options import (
     JsonFlag,
     ModelName,
     Pretrained,
+    TopK,
 )
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
@@ -89,6 +90,7 @@ def model_options(
     device: str,
     compat: str | None,
     precision: str = "auto",
+    topk: str | None = None,
 ):
     """The model the options name; ``model`` and ``pretrained`` are None when not given."""
     from .model import ModelOptions
@@ -106,6 +108,7 @@ def model_options(
         checkpoint=checkpoint,
         device=device,
         compat=compat,  # type: ignore[arg-type]
+        topk=topk,  # type: ignore[arg-type]
         backbone_cfg=backbone_cfg,
         precision=precision,  # type: ignore[arg-type]
     )
@@ -171,6 +174,7 @@ def model_command(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
+    topk: TopK = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -179,7 +183,7 @@ def model_command(
     from .report import describe_model, model_table
 
     model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
-    loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
+    loaded = load_model(model_options(model, pretrained, checkpoint, device, compat, precision, topk))
     report = describe_model(loaded)
     if as_json:
         print_json(report)
@@ -217,6 +221,7 @@ def index_command(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
+    topk: TopK = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -260,15 +265,14 @@ def index_command(
     def load_named() -> Any:  # the model the options name, with defaults for the rest
         from .model import load_model
 
-        return load_model(model_options(model, pretrained, checkpoint, device, compat, precision))
+        return load_model(model_options(model, pretrained, checkpoint, device, compat, precision, topk))
 
     # Naming no folder updates an existing library: it does not create one.
     with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting_note(wait)) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
-        named = model or pretrained or checkpoint or compat
-        source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(
-            load_named, model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat)
-        )
+        named = model or pretrained or checkpoint or compat or topk
+        request = model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat, topk)
+        source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(load_named, request)
         if not roots:
             require_folders(lib)  # before the model loads
         if rebuild or not source.recorded_in(lib):

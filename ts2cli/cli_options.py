@@ -11,6 +11,7 @@ import typer
 # tests/test_cli_model.py checks that they equal the library's own lists.
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 CompatChoice = Literal["fixed", "official"]
+TopKChoice = Literal["perturbed", "hard"]
 InferencePrecisionChoice = Literal["auto", "float32"]
 TrainPrecisionChoice = Literal["auto", "fp32", "fp16", "bf16"]
 TiesChoice = Literal["strict", "official"]
@@ -50,6 +51,15 @@ Compat = Annotated[
     typer.Option(
         "--compat",
         help="fixed (corrected) or official (reproduces the paper's code). Default: a checkpoint's own, else fixed.",
+        rich_help_panel="Model",
+    ),
+]
+TopK = Annotated[
+    TopKChoice | None,
+    typer.Option(
+        "--topk",
+        help="How a trained TS2-Net selects tokens: perturbed (as trained) or hard (plain top-k). "
+        "Default: a checkpoint's own, else perturbed.",
         rich_help_panel="Model",
     ),
 ]

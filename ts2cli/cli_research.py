@@ -24,6 +24,7 @@ from .cli_options import (
     ModelName,
     Pretrained,
     TiesChoice,
+    TopK,
     TrainPrecisionChoice,
 )
 from .datasets import EVAL_BATCH_SIZE
@@ -165,6 +166,7 @@ def eval_msrvtt(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
+    topk: TopK = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -178,7 +180,7 @@ def eval_msrvtt(
         return load_msrvtt_test(data, allow_missing=allow_missing)
 
     options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
-    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision), options, as_json)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision, topk), options, as_json)
 
 
 @eval_app.command("captions")
@@ -200,6 +202,7 @@ def eval_captions(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
     compat: Compat = None,
+    topk: TopK = None,
     precision: InferencePrecision = "auto",
     as_json: JsonFlag = False,
 ) -> None:
@@ -211,7 +214,7 @@ def eval_captions(
         return load_caption_csv(csv, videos, allow_missing=allow_missing)
 
     options = _eval_options(batch_size, workers, ties, dsl, cache_dir, no_cache)
-    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision), options, as_json)
+    _run_eval(load, _model(model, pretrained, checkpoint, device, compat, frames, precision, topk), options, as_json)
 
 
 def _eval_options(batch_size: int, workers: int | None, ties: str, dsl: bool, cache_dir: Path | None, no_cache: bool):
@@ -229,11 +232,12 @@ def _model(
     compat: str | None,
     frames: int | None,
     precision: str = "auto",
+    topk: str | None = None,
 ):
     from .cli import model_options, unused_beside_checkpoint
 
     model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)
-    options = model_options(model, pretrained, checkpoint, device, compat, precision)
+    options = model_options(model, pretrained, checkpoint, device, compat, precision, topk)
     weights = None if (pretrained or "").lower() == "none" else options.pretrained
     return dataclasses.replace(options, pretrained=weights, frames=frames)
 

@@ -284,7 +284,9 @@ class ModelOnDemand:
         return all(Path(source[key]).is_file() for key in ("weights_file", "checkpoint") if source.get(key))
 
 
-def model_request(model: str, pretrained: str | None, checkpoint: Path | None, compat: str | None) -> dict[str, Any]:
+def model_request(
+    model: str, pretrained: str | None, checkpoint: Path | None, compat: str | None, topk: str | None = None
+) -> dict[str, Any]:
     """The model options of a command line in a form that two runs can compare: local files by resolved path and
     content digest (a checkpoint retrained in place is another request), tags such as ``openai`` as given."""
 
@@ -298,6 +300,8 @@ def model_request(model: str, pretrained: str | None, checkpoint: Path | None, c
         "pretrained": local(pretrained) or pretrained,
         "checkpoint": local(checkpoint) or (str(checkpoint) if checkpoint else None),
         "compat": compat,
+        # only when named: a request recorded before the option existed then still matches one that names none
+        **({"topk": topk} if topk else {}),
     }
 
 

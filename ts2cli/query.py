@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import MODEL_SOURCE_KEY, Library, VideoRow, file_fingerprint, model_summary, printable_path, same_model
+from .store import (
+    MODEL_SOURCE_KEY,
+    Library,
+    VideoRow,
+    file_fingerprint,
+    implied_topk,
+    model_summary,
+    printable_path,
+    same_model,
+)
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions
@@ -111,7 +120,9 @@ def search_model_options(
     if source:
         base = options_from_source(source, device)
     else:
-        base = ModelOptions(device=device, compat=stored.get("compat"), frames=stored.get("frames"))
+        compat = stored.get("compat")
+        topk = stored.get("topk") or (implied_topk(compat) if stored.get("mode") == "ts2net" else None)
+        base = ModelOptions(device=device, compat=compat, frames=stored.get("frames"), topk=topk)
     changes: dict[str, Any] = {}
     if model is not None:
         changes |= {"model": model.model, "backbone_cfg": model.backbone_cfg, "quick_gelu": None}

@@ -1375,10 +1375,24 @@ def file_fingerprint(value: Any) -> str | None:
 def _comparable(config: dict[str, Any]) -> str:
     # Weights files move and get renamed: their content decides, not their name.
     comparable = {k: v for k, v in config.items() if k != MODEL_SOURCE_KEY}
+    if (topk := _record_topk(config)) is not None:
+        comparable["topk"] = topk
     for key in WEIGHT_KEYS:
         if (fingerprint := file_fingerprint(comparable.get(key))) is not None:
             comparable[key] = "#" + fingerprint
     return _canonical_json(comparable)
+
+
+def implied_topk(compat: str | None) -> str:
+    """The inference top-k of a TS2-Net recorded before it was a choice: its compat mode decided it (fixed: hard)."""
+    return "hard" if compat == "fixed" else "perturbed"
+
+
+def _record_topk(config: dict[str, Any]) -> str | None:
+    """A TS2-Net record's inference top-k; None for a zero-shot model, which selects no tokens."""
+    if config.get("mode") != "ts2net":
+        return None
+    return config.get("topk") or implied_topk(config.get("compat"))
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -1419,7 +1433,8 @@ def model_summary(config: dict[str, Any]) -> str:
     if "backbone" in config:
         weights = config.get("checkpoint") or config.get("clip_weights")
         mode, frames, compat = config.get("mode"), config.get("frames"), config.get("compat")
-        return f"{config['backbone']} ({weights}, {mode}, {frames} frames, compat {compat})"
+        topk = f", {_record_topk(config)} top-k" if _record_topk(config) else ""
+        return f"{config['backbone']} ({weights}, {mode}, {frames} frames, compat {compat}{topk})"
     text = _comparable(config)
     return text if len(text) <= 120 else text[:119] + "…"
 

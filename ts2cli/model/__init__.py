@@ -10,18 +10,20 @@
 """
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import COMPAT_MODES, Compat, TS2Config
+from .config import COMPAT_MODES, TOPK_RULES, Compat, TopK, TS2Config
 from .loading import LoadedModel, ModelOptions, load_model, out_of_memory_says, resolve_device
 from .similarity import frame_weighted_similarity, symmetric_infonce
 from .ts2net import TS2Net
 
 __all__ = [
     "COMPAT_MODES",
+    "TOPK_RULES",
     "Compat",
     "LoadedModel",
     "ModelOptions",
     "TS2Config",
     "TS2Net",
+    "TopK",
     "frame_weighted_similarity",
     "load_model",
     "out_of_memory_says",

@@ -7,6 +7,8 @@ from typing import Any, Literal, get_args
 
 Compat = Literal["official", "fixed"]
 COMPAT_MODES: tuple[Compat, ...] = get_args(Compat)
+TopK = Literal["perturbed", "hard"]
+TOPK_RULES: tuple[TopK, ...] = get_args(TopK)
 TEMPORAL_POSITIONS = 77
 """Position embeddings of the temporal transformer (CLIP's context length in the reference): frames × tokens per
 frame must fit."""
@@ -45,14 +47,19 @@ class TS2Config:
     """No trained TS2-Net parts: selector and temporal transformer are bypassed (CLIP frame features only)."""
     zero_shot_shift: bool = False
     """Apply token shift in zero-shot mode too (off by default: CLIP was never trained with it)."""
+    inference_topk: TopK = "perturbed"
+    """How tokens are selected at inference (spec §10.1, quirk 5): the perturbed top-k the model is trained with, or
+    the plain ("hard") top-k of the scores. Training always uses the perturbed one."""
     seed: int = 0
-    """Seed of the noise generator of the perturbed top-k (official mode, and training)."""
+    """Seed of the noise of the perturbed top-k."""
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     """Where the weights came from (training data, epochs, source file); informational only."""
 
     def __post_init__(self) -> None:
         if self.compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, not {self.compat!r}")
+        if self.inference_topk not in TOPK_RULES:
+            raise ValueError(f"inference_topk must be one of {TOPK_RULES}, not {self.inference_topk!r}")
 
     @property
     def tokens_per_frame(self) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, Ts2Error
-from ..store import MODEL_SOURCE_KEY
+from ..store import MODEL_SOURCE_KEY, implied_topk
 from . import text_tower
 from .backbone import (
     build_clip,
@@ -25,8 +25,8 @@ from .backbone import (
     resolve_pretrained,
 )
 from .checkpoint import read_checkpoint
-from .config import Compat, TS2Config
-from .precision import cpu_has_native_bf16, cpu_reduced_net
+from .config import Compat, TopK, TS2Config
+from .precision import cast_copy, cpu_has_native_bf16, cpu_reduced_net
 from .preprocess import PixelNorm, frames_to_tensor, pad_frames, tokenize
 from .ts2net import TS2Net
 
@@ -62,6 +62,8 @@ class ModelOptions:
     """None: a checkpoint's own (what it was trained with), else "fixed"."""
     frames: int | None = None
     """None: a checkpoint's own, else 12."""
+    topk: TopK | None = None
+    """Token selection at inference; None: a checkpoint's own, else "perturbed" (``TS2Config.inference_topk``)."""
     quick_gelu: bool | None = None
     """None: as the pretrained tag says; True for local files (TS2-Net is built on OpenAI CLIP)."""
     backbone_cfg: dict[str, Any] | None = None
@@ -87,6 +89,7 @@ def model_source(options: ModelOptions, config: TS2Config, weights_file: Path | 
         "checkpoint": checkpoint,
         "compat": config.compat,
         "frames": config.frames,
+        "topk": config.inference_topk,
     }
 
 
@@ -101,6 +104,7 @@ def options_from_source(source: dict[str, Any], device: str) -> ModelOptions:
         checkpoint=Path(checkpoint) if checkpoint else None,
         compat=source.get("compat", "fixed"),
         frames=source.get("frames", 12),
+        topk=source.get("topk") or implied_topk(source.get("compat", "fixed")),  # type: ignore[arg-type]
         device=device,
     )
 
@@ -148,7 +152,8 @@ class LoadedModel:
     def draws_noise(self) -> bool:
         """Official-mode TS2-Net selects tokens with seeded noise at inference (spec §10.1, quirk 5): a video's
         features then depend on the noise drawn before it, so batches must run in a fixed order."""
-        return not self.config.zero_shot and self.config.compat == "official"
+        config = self.config
+        return not config.zero_shot and config.compat == "official" and config.inference_topk == "perturbed"
 
     @property
     def dtype_name(self) -> str:
@@ -223,6 +228,17 @@ class LoadedModel:
         features, _ = self.encode_pixels(pixels, mask)
         return [video[real] for video, real in zip(features, mask.bool().numpy(), strict=True)]
 
+    def settle_precision(self, dtype_name: str) -> None:
+        """Run in ``dtype_name`` ("bfloat16" or "float32") without the check, as a run whose features this one goes on
+        with did (``--precision auto`` on a CPU); anything else, or bf16 where it is not native, leaves it open."""
+        if self.device.type != "cpu" or self.dtype is not None or self.precision_known:
+            return
+        if dtype_name == "bfloat16" and cpu_has_native_bf16():
+            self.net, self.dtype = cast_copy(self.net, torch.bfloat16), torch.bfloat16
+        elif dtype_name != "float32":
+            return
+        self.precision_known = True
+
     def choose_precision(self, pixels: torch.Tensor, mask: torch.Tensor) -> None:
         """Settle the precision on a real batch: on the CPU, bf16 weights if they pass ``cpu_reduced_net``'s check
         (CUDA's fp16 is set at load)."""
@@ -244,7 +260,10 @@ def load_model(options: ModelOptions, *, text_only: bool = False, trainable: boo
         config, state = read_checkpoint(options.checkpoint, text_only=text_only)
         # What it was trained with, unless the user asks otherwise (e.g. to study the other compat mode).
         config = dataclasses.replace(
-            config, compat=options.compat or config.compat, frames=options.frames or config.frames
+            config,
+            compat=options.compat or config.compat,
+            frames=options.frames or config.frames,
+            inference_topk=options.topk or config.inference_topk,
         )
         _check_frames(config)
         net = _assemble(config, state, source=str(options.checkpoint), text_only=text_only)
@@ -292,6 +311,7 @@ def _from_clip(
         quick_gelu=cfg["quick_gelu"],
         frames=options.frames or TS2Config.frames,
         compat=options.compat or TS2Config.compat,
+        inference_topk=options.topk or TS2Config.inference_topk,
         zero_shot=not trainable,
         zero_shot_shift=options.zero_shot_shift,
     )
@@ -343,7 +363,7 @@ def _file_id(path: Path) -> str:
 
 
 def _identity(config: TS2Config, net: TS2Net) -> dict[str, Any]:
-    return {
+    identity = {
         "backbone": config.backbone,
         "mode": "zero-shot" if config.zero_shot else "ts2net",
         "compat": config.compat,
@@ -353,3 +373,6 @@ def _identity(config: TS2Config, net: TS2Net) -> dict[str, Any]:
         "embed_dim": net.embed_dim,
         "quick_gelu": config.quick_gelu,
     }
+    if not config.zero_shot:  # a zero-shot model selects no tokens
+        identity["topk"] = config.inference_topk
+    return identity

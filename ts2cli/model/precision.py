@@ -98,14 +98,23 @@ class Comparison:
 
 @torch.inference_mode()
 def compare_reduced(net: TS2Net, reduced: TS2Net, pixels: torch.Tensor, mask: torch.Tensor) -> Comparison:
-    """One forward of each network on the same batch; ``reduced`` gets the pixels in its own dtype."""
+    """One forward of each network on the same batch; ``reduced`` gets the pixels in its own dtype.
+
+    Both select tokens with the same noise, and leave the running noise where it was: the check must not change the
+    features of the batch it runs on, nor those of the batches after it."""
     dtype = next(reduced.clip.parameters()).dtype
+    noise = net.selector.noise_state() if net.selector is not None else None
     start = time.perf_counter()
     reference, _ = net.encode_video(pixels, mask)
     full = time.perf_counter() - start
+    for copy_ in (net, reduced):
+        if noise is not None and copy_.selector is not None:
+            copy_.selector.restore_noise(noise)
     start = time.perf_counter()
     low, _ = reduced.encode_video(pixels.to(dtype), mask)
     taken = time.perf_counter() - start
+    if noise is not None and reduced.selector is not None:
+        reduced.selector.restore_noise(noise)
     cosine = F.cosine_similarity(reference.float(), low.float(), dim=-1).min().item()
     return Comparison(cosine, taken / max(full, 1e-9))
 

@@ -74,11 +74,23 @@ class TokenSelector(nn.Module):
         self.sigma = sigma
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._video_noise: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the perturbation noise, so that a run can be repeated exactly."""
         self.seed = self.seed if seed is None else seed
         self._generator = None
+
+    def noise_state(self) -> tuple[int, torch.Tensor | None]:
+        """Where the running noise stands, for ``restore_noise``."""
+        return self.seed, None if self._generator is None else self._generator.get_state()
+
+    def restore_noise(self, state: tuple[int, torch.Tensor | None]) -> None:
+        """Put the running noise back where ``noise_state`` found it (e.g. after a forward pass that only checks)."""
+        self.reseed(state[0])
+        if state[1] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state[1])
 
     def _noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         # The reference draws on the CPU and then moves the noise; a private generator keeps runs reproducible
@@ -87,15 +99,32 @@ class TokenSelector(nn.Module):
             self._generator = torch.Generator().manual_seed(self.seed)
         return torch.randn(shape, generator=self._generator).to(device=like.device, dtype=like.dtype)
 
-    def forward(self, tokens: torch.Tensor, *, hard: bool) -> torch.Tensor:
-        """(N, L, D) tokens → (N, 1 + K, D): CLS then the selected patches in raster order."""
+    def _same_noise_per_video(self, frames: int, scores: torch.Tensor) -> torch.Tensor:
+        # Drawn once from the seed alone, for the frames of one video, and given to every video alike.
+        key = (self.seed, frames, scores.shape[-1], scores.device, scores.dtype)
+        if self._video_noise is None or self._video_noise[0] != key:
+            generator = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn((frames, self.samples, scores.shape[-1]), generator=generator)
+            self._video_noise = key, noise.to(device=scores.device, dtype=scores.dtype)
+        return self._video_noise[1].repeat(scores.shape[0] // frames, 1, 1)
+
+    def forward(self, tokens: torch.Tensor, *, hard: bool, frames_per_video: int | None = None) -> torch.Tensor:
+        """(N, L, D) tokens → (N, 1 + K, D): CLS then the selected patches in raster order.
+
+        The perturbed top-k draws the next noise of the running generator (training, and the reference's
+        inference), or, given ``frames_per_video``, the same noise for every video of that many frames: a video's
+        features then depend on its frames only, not on what was drawn before or on its batch mates.
+        """
         cls, patches = tokens[:, :1], tokens[:, 1:]
         scores = self.predictor(tokens)[:, 1:]
         if hard:
             picks = sorted_topk(scores, self.top_k)
             selected = patches.gather(1, picks.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         else:
-            noise = self._noise((scores.shape[0], self.samples, scores.shape[1]), scores)
+            if frames_per_video is None:
+                noise = self._noise((scores.shape[0], self.samples, scores.shape[1]), scores)
+            else:
+                noise = self._same_noise_per_video(frames_per_video, scores)
             indicator = PerturbedTopK.apply(scores, noise, self.top_k, self.sigma)
             selected = torch.einsum("nkp,npd->nkd", indicator.to(patches.dtype), patches)
         return torch.cat([cls, selected], dim=1)

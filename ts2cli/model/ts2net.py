@@ -87,8 +87,11 @@ class TS2Net(nn.Module):
             tokens = tokens.float()
             if self.selector is None or self.temporal is None:
                 return tokens[:, 0].reshape(batch, frames, -1), mask
-            hard = config.compat == "fixed" and not self.training
-            selected = self.selector(tokens, hard=hard).reshape(batch, frames * config.tokens_per_frame, -1)
+            hard = config.inference_topk == "hard" and not self.training
+            # Corrected inference draws the same noise for every video; the reference's goes on drawing.
+            per_video = frames if config.compat == "fixed" and not self.training else None
+            selected = self.selector(tokens, hard=hard, frames_per_video=per_video)
+            selected = selected.reshape(batch, frames * config.tokens_per_frame, -1)
             return self.temporal(selected, mask, tokens_per_frame=config.tokens_per_frame, compat=config.compat)
 
     def similarity(
