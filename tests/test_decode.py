@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ts2cli import decode
-from ts2cli.decode import SampledVideo, sample_frames, uniform_targets
+from ts2cli.decode import SampledVideo, resize_and_crop_geometry, sample_frames, uniform_targets
 from ts2cli.errors import VideoDecodeError
 
 MakeVideo = Callable[..., Any]  # conftest.make_video -> conftest.WrittenVideo
@@ -87,6 +87,21 @@ def test_seek_and_sequential_return_identical_frames(make_video: MakeVideo) -> N
         sequential.width,
         sequential.height,
     )
+
+
+@pytest.mark.parametrize("shape", [(320, 240), (240, 320), (1920, 1080), (853, 480), (1000, 563), (225, 224)])
+def test_resize_and_crop_geometry_is_open_clips(shape: tuple[int, int]) -> None:
+    """Spec §1.2: short side to 224, centre crop, as open_clip's eval transform (torchvision Resize + CenterCrop)."""
+    import torch
+    from torchvision.transforms import functional as tvf
+
+    width, height = shape
+    new_w, new_h, top, left = resize_and_crop_geometry(width, height, 224)
+    assert tuple(tvf.resize(torch.zeros(1, height, width), 224, antialias=True).shape[1:]) == (new_h, new_w)
+    rows = torch.arange(new_h, dtype=torch.float32)[:, None].expand(new_h, new_w)
+    columns = torch.arange(new_w, dtype=torch.float32)[None, :].expand(new_h, new_w)
+    crop = tvf.center_crop(torch.stack([rows, columns]), [224, 224])
+    assert (int(crop[0, 0, 0]), int(crop[1, 0, 0])) == (top, left)
 
 
 def test_pixels_are_resized_and_centre_cropped(make_video: MakeVideo) -> None:

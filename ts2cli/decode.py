@@ -391,6 +391,17 @@ class _SeekPlan:
         return cost
 
 
+def resize_and_crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(width, height) to resize a picture to so that its short side is ``size``, and the (top, left) of the centred
+    ``size`` square: the geometry of open_clip's eval transform (torchvision's Resize truncates the long side,
+    CenterCrop rounds the offsets), so that only the resampling filter differs from it."""
+    if width <= height:
+        new_w, new_h = size, max(size, int(size * height / width))
+    else:
+        new_w, new_h = max(size, int(size * width / height)), size
+    return new_w, new_h, round((new_h - size) / 2), round((new_w - size) / 2)
+
+
 class _Converter:
     """Turns the few frames we keep into upright, square RGB arrays: resize, crop, rotate."""
 
@@ -404,8 +415,7 @@ class _Converter:
         width, height = frame.width, frame.height
         display_width = max(1, round(width * self.pixel_aspect))
         # Scale so the short side of the *displayed* picture is `size`, in one swscale pass.
-        scale = size / min(display_width, height)
-        new_w, new_h = max(size, round(display_width * scale)), max(size, round(height * scale))
+        new_w, new_h, top, left = resize_and_crop_geometry(display_width, height, size)
         rgb = frame.reformat(
             width=new_w,
             height=new_h,
@@ -415,7 +425,6 @@ class _Converter:
             src_color_range=frame.color_range or None,
             threads=1,
         ).to_ndarray()
-        top, left = (new_h - size) // 2, (new_w - size) // 2
         pixels = rgb[top : top + size, left : left + size]
         rotation = _rotation(frame)
         if rotation % 180:

@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,9 @@ HEADS: tuple[Head, ...] = ("ts2", "meanpool")
 FrameSampler = Callable[[Path], np.ndarray]
 """A video file → (n, S, S, 3) uint8 frames; raises ``VideoDecodeError``."""
 
-SAMPLING_VERSION = 1
-"""Bumped whenever a sampler changes the frames it returns, so that old cached features are not reused."""
+OFFICIAL_SAMPLING_VERSION, UNIFORM_SAMPLING_VERSION = 1, 2
+"""Bumped whenever a sampler changes the frames it returns, so that old cached features are not reused (uniform v2:
+open_clip's resize and crop geometry)."""
 CAPTION_BATCH = 256
 SCORE_BLOCK = 256
 """Captions scored per block: (block × videos × frames) floats stay small even for 1000 × 1000."""
@@ -109,8 +111,9 @@ class EvalResult:
     model: dict[str, Any]
     seconds: float
     dtype: str | None = None
-    """What the videos decoded in this run were embedded in ("float32", "bfloat16", "float16"); None when every
-    video came from the cache. ``--precision auto`` decides it on the first batch."""
+    """What the videos were embedded in ("float32", "bfloat16", "float16"), in this run or in the one that cached
+    their features; None when no video was embedded. ``--precision auto`` on a CPU takes the cache's, else decides
+    it on the first batch."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,12 +173,12 @@ def frame_sampler(compat: Compat, frames: int, size: int) -> tuple[str, FrameSam
         def official(path: Path) -> np.ndarray:
             return sample_official(path, size=size, max_frames=frames).frames
 
-        return f"official-1fps-pil/v{SAMPLING_VERSION}/{frames}x{size}", official
+        return f"official-1fps-pil/v{OFFICIAL_SAMPLING_VERSION}/{frames}x{size}", official
 
     def uniform(path: Path) -> np.ndarray:
         return sample_frames(path, num_frames=frames, size=size).frames
 
-    return f"uniform-swscale/v{SAMPLING_VERSION}/{frames}x{size}", uniform
+    return f"uniform-swscale/v{UNIFORM_SAMPLING_VERSION}/{frames}x{size}", uniform
 
 
 def default_cache_dir() -> Path:
@@ -215,17 +218,18 @@ class FeatureCache:
         version = {"path": os.path.abspath(video), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         return self.directory / f"{_digest({'model': self.key, **version})}.npz"
 
-    def load(self, video: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    def load(self, video: Path) -> CachedFeatures | None:
         file = self._file(video)
         if file is None or not file.is_file():
             return None
         try:
             with np.load(file) as data:
-                return data["frames"], data["mask"]
+                dtype = str(data["dtype"]) if "dtype" in data.files else None
+                return CachedFeatures(data["frames"], data["mask"], dtype)
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is recomputed and overwritten
 
-    def save(self, video: Path, frames: np.ndarray, mask: np.ndarray) -> None:
+    def save(self, video: Path, frames: np.ndarray, mask: np.ndarray, dtype: str) -> None:
         file = self._file(video)
         if file is None or not self.writable:
             return
@@ -237,11 +241,19 @@ class FeatureCache:
             return
         try:
             with os.fdopen(handle, "wb") as out:
-                np.savez(out, frames=frames, mask=mask)
+                np.savez(out, frames=frames, mask=mask, dtype=np.array(dtype))
             os.replace(partial, file)
         except OSError:
             self.writable = False
             Path(partial).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    frames: np.ndarray
+    mask: np.ndarray
+    dtype: str | None
+    """What the model computed them in (``LoadedModel.dtype_name``); None in entries written before it was kept."""
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -277,17 +289,18 @@ def encode_videos(
         mask=np.zeros((count, frames), dtype=bool),
     )
     progress.start("encoding videos", count)
-    hits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    hits: dict[int, CachedFeatures] = {}
     for index, video in enumerate(videos):
         hit = cache.load(video) if cache is not None else None
-        if hit is not None and hit[0].shape == result.frames.shape[1:]:
+        if hit is not None and hit.frames.shape == result.frames.shape[1:]:
             hits[index] = hit
+    hits = _in_one_precision(loaded, hits)
     noisy = loaded.draws_noise
     if noisy:
         missed = {index // batch_size for index in range(count) if index not in hits}
         hits = {index: hit for index, hit in hits.items() if index // batch_size not in missed}
-    for index, (video_frames, video_mask) in hits.items():
-        result.frames[index], result.mask[index] = video_frames, video_mask
+    for index, hit in hits.items():
+        result.frames[index], result.mask[index] = hit.frames, hit.mask
     result.cached = len(hits)
     progress.advance(len(hits))
     todo = [index for index in range(count) if index not in hits]
@@ -319,6 +332,19 @@ def encode_videos(
     return result
 
 
+def _in_one_precision(loaded: LoadedModel, hits: dict[int, CachedFeatures]) -> dict[int, CachedFeatures]:
+    """The cached features computed in the precision this run computes in, which a run that has not settled it yet
+    (``--precision auto`` on a CPU) takes from the cache: bf16 and fp32 features differ a little, and the check that
+    picks bf16 depends on a timing, so a resumed run could otherwise mix the two."""
+    implied = loaded.dtype_name if loaded.precision_known else None  # the cache key fixes it: older entries too
+    if not loaded.precision_known:
+        counts = Counter(hit.dtype for hit in hits.values() if hit.dtype is not None)
+        if counts:
+            loaded.settle_precision(counts.most_common(1)[0][0])
+    run = loaded.dtype_name if loaded.precision_known else None
+    return {index: hit for index, hit in hits.items() if run is not None and (hit.dtype or implied) == run}
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The top-k noise seed of fixed batch number ``batch`` of an evaluation run with ``seed``."""
     return (seed << 32) + batch
@@ -340,7 +366,7 @@ def _encode_batch(
     for (index, _), video_features, video_mask in zip(batch, features, mask, strict=True):
         result.frames[index], result.mask[index] = video_features, video_mask
         if cache is not None:
-            cache.save(videos[index], video_features, video_mask)
+            cache.save(videos[index], video_features, video_mask, loaded.dtype_name)
     result.decoded += len(batch)
     progress.advance(len(batch))
 
@@ -470,5 +496,5 @@ def evaluate(
         cache={"hits": videos.cached, "decoded": videos.decoded, "failed": len(videos.failed)},
         model=loaded.identity,
         seconds=time.perf_counter() - started,
-        dtype=loaded.dtype_name if videos.decoded else None,
+        dtype=loaded.dtype_name if loaded.precision_known else None,
     )
