@@ -64,6 +64,22 @@ def test_failures_are_committed_as_they_come(tmp_path, make_video, library, mode
     assert len(committed) == 7 and committed[-1] >= 4, committed
 
 
+def test_videos_are_committed_after_a_while_however_few(tmp_path, make_video, library, model):
+    """Long videos take long to decode: a kill -9 must lose at most ``commit_seconds`` of work, not 16 videos."""
+    for number in range(3):
+        make_video(f"v/{number}.mp4", seconds=1, texture=True, seed=number)
+    committed: list[int] = []
+
+    class Watching(Progress):
+        def done(self, path: Path, outcome: str, reason: str = "") -> None:
+            with Library.open(library.directory) as reader:  # sees only what was committed
+                committed.append(reader.stats().videos_ok)
+
+    options = IndexOptions(roots=[tmp_path / "v"], workers=1, batch_size=1, commit_seconds=0.0)
+    index_folders(library, model, options, Watching())
+    assert committed == [0, 1, 2], committed  # each told before its own commit, after the one before it
+
+
 def test_a_video_whose_frames_run_out_early_is_indexed_and_told(tmp_path, make_video, library, model):
     cut = make_video("v/cut.mkv", seconds=10, fps=10, texture=True, seed=1).path
     make_video("v/whole.mkv", seconds=10, fps=10, texture=True, seed=2)

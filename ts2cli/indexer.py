@@ -61,6 +61,9 @@ class IndexOptions:
     retry_failed: bool = False
     commit_every: int = 16
     """Videos per SQLite commit: what a kill -9 can lose at most."""
+    commit_seconds: float = 30.0
+    """The longest time stored videos wait for a commit: long videos take that long to decode, and a kill -9 (an
+    out-of-memory kill, say) must not cost 16 of them."""
 
 
 @dataclass
@@ -562,7 +565,7 @@ def _embed_all(
     stats.batch_size = batch_size
     window = (plan.model_workers + 1) * batch_size  # the batches in the model, and the next one
     since_commit = 0
-    last_save = time.monotonic()
+    last_save = last_commit = time.monotonic()
     batch: list[tuple[_Work, SampledVideo]] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
@@ -581,9 +584,10 @@ def _embed_all(
                     batch = []
                 for done in runner.finished():
                     since_commit += _store_batch(library, done, summary, progress, model.device)
-                if since_commit >= options.commit_every:
+                overdue = since_commit and time.monotonic() - last_commit >= options.commit_seconds
+                if since_commit >= options.commit_every or overdue:
                     _timed_commit(library, stats)
-                    since_commit = 0
+                    since_commit, last_commit = 0, time.monotonic()
                 if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
                     # bounds the change log that searches during a long run apply to the saved ANN index
                     library.save_ann()
