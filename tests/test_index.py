@@ -450,8 +450,9 @@ def test_a_file_named_on_its_own_is_tried_whatever_its_extension(tmp_path, tiny_
     notes.write_text("no video here")
     run = subprocess.run([*ts2_index(odd, tmp_path / "lib", tiny_files), "--json"], capture_output=True, text=True)
     assert run.returncode == 0 and json.loads(run.stdout)["indexed"] == 1, run.stderr
-    run = subprocess.run(ts2_index(notes, tmp_path / "lib", tiny_files), capture_output=True, text=True)
-    assert run.returncode == 1 and f"{notes}: not a video file" in run.stderr, run.stderr
+    run = subprocess.run([*ts2_index(notes, tmp_path / "lib", tiny_files), "--json"], capture_output=True, text=True)
+    assert run.returncode == 1 and json.loads(run.stdout)["failed"] == 1
+    assert f"skipped {notes}: not a video file" in run.stderr, run.stderr  # told on stderr with --json too
 
 
 def test_missing_folder_is_an_error(tmp_path, library, model):

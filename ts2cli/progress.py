@@ -117,10 +117,11 @@ class IndexProgressBar(LiveBar, IndexProgress):
         self._progress.advance(task.id)
         rate = f"{task.completed / task.elapsed:.1f}" if task.elapsed else "-"
         self._progress.update(task.id, info=f"{rate} videos/s")
-        if outcome == "failed" and self.enabled:
+        # Told on stderr with --json too (the bar is off then): stdout holds the document alone.
+        if outcome == "failed":
             because = f": {shown(reason)}" if reason else ""
             self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}{because}")
-        elif reason and self.enabled:
+        elif reason:
             self._progress.console.print(f"[yellow]note:[/yellow] {shown(str(path))}: {shown(reason)}")
 
 
@@ -136,8 +137,7 @@ class ResearchProgress(LiveBar):
             self._progress.advance(self._task, count)
 
     def failed(self, name: str, reason: str) -> None:
-        if self.enabled:
-            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(name)}: {shown(reason)}")
+        self._progress.console.print(f"[yellow]skipped[/yellow] {shown(name)}: {shown(reason)}")  # --json too
 
     # TrainProgress
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
