@@ -363,6 +363,25 @@ def test_a_folder_moved_away_with_a_symlink_left_behind_is_followed(tmp_path, ma
     assert index(library, model).removed == 1 and library.count_ok() == 2
 
 
+def test_a_renamed_folder_indexed_by_its_new_name_leaves_the_list(tmp_path, make_video, library, model):
+    """Its videos move to the new name; the old name, gone and empty, must not be skipped with a note on every later
+    run nor block --rebuild. An unplugged folder, whose videos stay, keeps its place."""
+    for seed in range(2):
+        make_video(f"old/{seed}.mp4", seconds=1, texture=True, seed=seed)
+        make_video(f"usb/{seed}.mp4", seconds=1, texture=True, seed=10 + seed)
+    old, new, usb = tmp_path / "old", tmp_path / "new", tmp_path / "usb"
+    index(library, model, old)
+    index(library, model, usb)
+    old.rename(new)
+    usb.rename(tmp_path / "usb unplugged")
+    summary = index(library, model, new)
+    assert (summary.moved, summary.vacated_folders) == (2, [str(old)])
+    assert summary.to_json()["vacated_folders"] == [str(old)]
+    assert sorted(library.folder_rules()) == [new, usb]
+    later = index(library, model)
+    assert later.folders == [str(new)] and [path for path, _ in later.skipped_folders] == [str(usb)]
+
+
 def test_naming_no_folder_updates_each_folder_with_its_own_rules(tmp_path, make_video, library, model):
     with pytest.raises(Ts2Error, match="covers no folder yet"):
         index(library, model)

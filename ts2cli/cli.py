@@ -290,6 +290,12 @@ def index_command(
         )
     for folder, why in summary.skipped_folders:
         console.print(f"[yellow]note:[/yellow] Skipped {shown(folder)}: {shown(why)}.", soft_wrap=True)
+    for folder in summary.vacated_folders:
+        console.print(
+            f"[yellow]note:[/yellow] {shown(folder)} is not there now and its videos moved (a renamed folder?): it is "
+            "no longer one of the library's folders.",
+            soft_wrap=True,
+        )
     if not (summary.indexed or summary.unchanged or summary.moved or summary.failed or summary.removed):
         console.print(
             f"[yellow]note:[/yellow] No video files under {shown(', '.join(summary.folders))} (hidden files and "

@@ -81,6 +81,9 @@ class IndexSummary:
     """The roots scanned."""
     skipped_folders: list[tuple[str, str]] = field(default_factory=list)
     """(root, why) for the library's folders that a run naming no folder could not scan; their videos are kept."""
+    vacated_folders: list[str] = field(default_factory=list)
+    """The library's folders that are not there now and whose videos all moved away in this run (a renamed folder
+    indexed under its new name): taken off the library's folders."""
     cut_short: list[tuple[str, str]] = field(default_factory=list)
     """(path, what) for videos indexed from the frames that decoded, which ran out well before the duration their
     container states (a truncated download, a damaged tail); counted in ``indexed`` too."""
@@ -96,6 +99,7 @@ class IndexSummary:
             "failed_unchanged": self.failed_unchanged,
             "folders": self.folders,
             "skipped_folders": [{"path": p, "reason": r} for p, r in self.skipped_folders],
+            "vacated_folders": self.vacated_folders,
             "cut_short": [{"path": p, "reason": r} for p, r in self.cut_short],
             "seconds": round(self.seconds, 3),
             "pipeline": self.pipeline.to_json(),
@@ -338,6 +342,7 @@ def index_folders(
     if options.rebuild or not source.recorded_in(library):
         _adopt_model(library, source, options.rebuild, progress)
     aliases = _aliases(library, roots)
+    absent = _absent_folders_with_videos(library, [*roots, *aliases])
     # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
     linked_before, others = library.linked_areas([*roots, *aliases])
     library.begin_scan([*roots, *aliases, *linked_before])
@@ -363,11 +368,20 @@ def index_folders(
     removed = library.sweep_unseen([*roots, *aliases]) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
-    library.forget_roots(aliases)
+    summary.vacated_folders = [str(root) for root, also in absent.items() if not library.count_under(root, also=also)]
+    library.forget_roots([*aliases, *map(Path, summary.vacated_folders)])
     library.commit()
     library.save_ann()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _absent_folders_with_videos(library: Library, scanned: list[Path]) -> dict[Path, list[str]]:
+    """The library's folders, other than ``scanned``, that are not there now but hold videos, with the places
+    their links led to: one whose videos all move away in this run was renamed, not unplugged."""
+    links = library.linked_places()
+    absent = {root: links.get(str(root), []) for root in library.folder_rules() if root not in scanned}
+    return {root: also for root, also in absent.items() if not root.exists() and library.count_under(root, also=also)}
 
 
 def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSummary) -> dict[Path, ScanRules]:

@@ -473,6 +473,10 @@ class Library:
             self._set_json_meta("linked_folders", links)
             self._set_json_meta("link_paths", paths)
 
+    def linked_places(self) -> dict[str, list[str]]:
+        """Per recorded root, the places outside it that its symlinks led to (``remember_links``)."""
+        return self._links()
+
     def _links(self) -> dict[str, list[str]]:
         # Damaged: nothing outside the roots is swept until each root's next scan records its links again. Names
         # that are not UTF-8 (kept by an earlier ts2) are left out: every query on them would refuse them.
