@@ -96,6 +96,10 @@ def test_missing_weights_is_one_line_and_non_zero(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--pretrained" in lines[0] and "Traceback" not in result.stderr
+    (tmp_path / "videos").mkdir()
+    first = run_ts2("index", str(tmp_path / "videos"), "--library", str(tmp_path / "lib"), "--pretrained", "/nope.pt")
+    assert first.returncode == 1 and "--pretrained" in first.stderr
+    assert not (tmp_path / "lib").exists()  # no empty library left behind for `ts2 status` to report
 
 
 def test_weights_are_read_by_content_and_other_files_are_named(tmp_path):

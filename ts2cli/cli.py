@@ -267,12 +267,17 @@ def index_command(
 
         return load_model(model_options(model, pretrained, checkpoint, device, compat, precision, topk))
 
+    # A new library is made once its model has loaded: missing weights must not leave an empty one behind.
+    first = load_named() if roots and not Library.exists(library) else None
     # Naming no folder updates an existing library: it does not create one.
     with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting_note(wait)) as lib:
         on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
         named = model or pretrained or checkpoint or compat or topk
         request = model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat, topk)
-        source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(load_named, request)
+        if first is not None:
+            source = ModelOnDemand(lambda: first, request)
+        else:
+            source = (None if named else library_model(lib, device, precision)) or ModelOnDemand(load_named, request)
         if not roots:
             require_folders(lib)  # before the model loads
         if rebuild or not source.recorded_in(lib):

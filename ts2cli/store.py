@@ -213,7 +213,7 @@ class Library:
         """
         if directory is not None and not os.fspath(directory):  # Path("") would be the current folder
             raise LibraryError("An empty name was given as the library folder (--library).")
-        directory = Path(directory if directory is not None else default_library_dir()).expanduser().absolute()
+        directory = _library_path(directory)
         if directory.exists() and not directory.is_dir():
             raise LibraryError(f"The library must be a folder; {directory} is a file.")
         db_path = directory / DB_FILE
@@ -236,6 +236,11 @@ class Library:
                 conn.close()
             _close_all(lock_fds)
             raise
+
+    @staticmethod
+    def exists(directory: str | os.PathLike[str] | None = None) -> bool:
+        """Whether there is a library in ``directory`` (default: :func:`default_library_dir`)."""
+        return bool(directory is None or os.fspath(directory)) and (_library_path(directory) / DB_FILE).is_file()
 
     def close(self) -> None:
         """Commit what is buffered, save the ANN index if it changed, release the writer lock.
@@ -1235,6 +1240,10 @@ class Library:
 
 
 # ---------------------------------------------------------------------- helpers: SQLite
+
+
+def _library_path(directory: str | os.PathLike[str] | None) -> Path:
+    return Path(directory if directory is not None else default_library_dir()).expanduser().absolute()
 
 
 def _rules_from_json(value: Any) -> ScanRules | None:
