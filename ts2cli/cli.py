@@ -77,9 +77,15 @@ LibraryDir = Annotated[
     ),
 ]
 
+
 WaitSeconds = Annotated[
     float,
-    typer.Option("--wait", metavar="SECONDS", help="Seconds to wait for another ts2 index or forget to finish."),
+    typer.Option(
+        "--wait",
+        metavar="SECONDS",
+        min=0.0,  # refuses nan too, which would never time out
+        help="Seconds to wait for another ts2 index or forget to finish (inf: as long as it takes).",
+    ),
 ]
 
 
@@ -559,8 +565,10 @@ def waiting_note(wait: float) -> Callable[[], None]:
         # The message first: a Ctrl-C right after the line below must already get it.
         on_interrupt("Interrupted while waiting for the other ts2 command; nothing was changed.")
         console.print(
-            f"Another ts2 index is running on this library; waiting up to {wait:g} s for it to finish.", soft_wrap=True
+            f"Another ts2 index is running on this library; waiting {how_long} for it to finish.", soft_wrap=True
         )
+
+    how_long = "as long as it takes" if math.isinf(wait) else f"up to {wait:g} s"
 
     return waiting
 
