@@ -77,7 +77,6 @@ LibraryDir = Annotated[
     ),
 ]
 
-
 WaitSeconds = Annotated[
     float,
     typer.Option(
@@ -561,14 +560,14 @@ def _caused_by_interrupt(error: BaseException) -> bool:
 def waiting_note(wait: float) -> Callable[[], None]:
     """What to say when another writer holds the library and ``--wait`` lets this command wait for it."""
 
+    how_long = "as long as it takes" if math.isinf(wait) else f"up to {wait:g} s"
+
     def waiting() -> None:
         # The message first: a Ctrl-C right after the line below must already get it.
         on_interrupt("Interrupted while waiting for the other ts2 command; nothing was changed.")
         console.print(
             f"Another ts2 index is running on this library; waiting {how_long} for it to finish.", soft_wrap=True
         )
-
-    how_long = "as long as it takes" if math.isinf(wait) else f"up to {wait:g} s"
 
     return waiting
 
