@@ -13,9 +13,9 @@ from .store import (
     Library,
     VideoRow,
     file_fingerprint,
-    implied_topk,
     model_summary,
     printable_path,
+    record_topk,
     same_model,
 )
 
@@ -120,9 +120,8 @@ def search_model_options(
     if source:
         base = options_from_source(source, device)
     else:
-        compat = stored.get("compat")
-        topk = stored.get("topk") or (implied_topk(compat) if stored.get("mode") == "ts2net" else None)
-        base = ModelOptions(device=device, compat=compat, frames=stored.get("frames"), topk=topk)
+        topk = record_topk(stored)
+        base = ModelOptions(device=device, compat=stored.get("compat"), frames=stored.get("frames"), topk=topk)
     changes: dict[str, Any] = {}
     if model is not None:
         changes |= {"model": model.model, "backbone_cfg": model.backbone_cfg, "quick_gelu": None}

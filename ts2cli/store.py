@@ -310,8 +310,7 @@ class Library:
     def _create_schema(self) -> None:
         # journal_mode cannot change inside a transaction, and it is a property of the file, set once.
         self._conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate_transaction():
             if self._schema_version() is None:  # another process may have won the race
                 for statement in _SCHEMA_V1:
                     self._conn.execute(statement)
@@ -323,39 +322,40 @@ class Library:
                     ("generation_id", secrets.token_hex(8)),
                 ):
                     self._set_meta(key, value)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     def _start_change_log(self) -> None:
         """Create the change log in a library made before it existed; it starts at the current generation."""
         if self._table_exists("vector_changes"):
             return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate_transaction():
             if not self._table_exists("vector_changes"):
                 for statement in _CHANGE_LOG:
                     self._conn.execute(statement)
                 current = self._generation()
                 row = (current.number, current.token)
                 self._conn.execute("INSERT INTO generations (number, token) VALUES (?, ?)", row)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     def _table_exists(self, name: str) -> bool:
         query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         return self._conn.execute(query, (name,)).fetchone() is not None
 
     def _migrate(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate_transaction():
             version = self._schema_version() or SCHEMA_VERSION
             for from_version in range(version, SCHEMA_VERSION):
                 MIGRATIONS[from_version](self._conn)
             self._set_meta("schema_version", str(SCHEMA_VERSION))
+
+    @contextlib.contextmanager
+    def _immediate_transaction(self) -> Iterator[None]:
+        """Run the block in a write transaction of its own, committed at its end and rolled back on any error; inside
+        an open transaction, as part of that one."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
@@ -1113,22 +1113,9 @@ class Library:
 
     def _forget_changes(self, saved: _Generation) -> None:
         """Drop the part of the change log that no saved index needs any more: the files are at ``saved`` now."""
-        statements = (
-            ("DELETE FROM generations WHERE number < ?", (saved.number,)),
-            ("DELETE FROM vector_changes WHERE generation <= ?", (saved.number,)),
-        )
-        if self._conn.in_transaction:  # an index rebuilt for a write: the forgetting is committed with it
-            for statement in statements:
-                self._conn.execute(*statement)
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in statements:
-                self._conn.execute(*statement)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+        with self._immediate_transaction():  # an index rebuilt for a write: committed with that write
+            self._conn.execute("DELETE FROM generations WHERE number < ?", (saved.number,))
+            self._conn.execute("DELETE FROM vector_changes WHERE generation <= ?", (saved.number,))
 
     # ------------------------------------------------------------------ feature reads
 
@@ -1388,7 +1375,7 @@ def file_fingerprint(value: Any) -> str | None:
 def _comparable(config: dict[str, Any]) -> str:
     # Weights files move and get renamed: their content decides, not their name.
     comparable = {k: v for k, v in config.items() if k != MODEL_SOURCE_KEY}
-    if (topk := _record_topk(config)) is not None:
+    if (topk := record_topk(config)) is not None:
         comparable["topk"] = topk
     for key in WEIGHT_KEYS:
         if (fingerprint := file_fingerprint(comparable.get(key))) is not None:
@@ -1401,7 +1388,7 @@ def implied_topk(compat: str | None) -> str:
     return "hard" if compat == "fixed" else "perturbed"
 
 
-def _record_topk(config: dict[str, Any]) -> str | None:
+def record_topk(config: dict[str, Any]) -> str | None:
     """A TS2-Net record's inference top-k; None for a zero-shot model, which selects no tokens."""
     if config.get("mode") != "ts2net":
         return None
@@ -1446,7 +1433,7 @@ def model_summary(config: dict[str, Any]) -> str:
     if "backbone" in config:
         weights = config.get("checkpoint") or config.get("clip_weights")
         mode, frames, compat = config.get("mode"), config.get("frames"), config.get("compat")
-        topk = f", {_record_topk(config)} top-k" if _record_topk(config) else ""
+        topk = f", {rule} top-k" if (rule := record_topk(config)) else ""
         return f"{config['backbone']} ({weights}, {mode}, {frames} frames, compat {compat}{topk})"
     text = _comparable(config)
     return text if len(text) <= 120 else text[:119] + "…"
