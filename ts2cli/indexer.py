@@ -368,8 +368,9 @@ def index_folders(
     removed = library.sweep_unseen([*roots, *aliases]) + library.sweep_unseen(linked_before, spare=others)
     summary.removed = len(set(removed) | (held_before - library.paths()))
     library.remember_links(linked)
-    summary.vacated_folders = [str(root) for root, also in absent.items() if not library.count_under(root, also=also)]
-    library.forget_roots([*aliases, *map(Path, summary.vacated_folders)])
+    vacated = [root for root, also in absent.items() if not library.count_under(root, also=also)]
+    summary.vacated_folders = [str(root) for root in vacated]
+    library.forget_roots([*aliases, *vacated])
     library.commit()
     library.save_ann()
     summary.seconds = time.perf_counter() - started
