@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from search_bench import DataParams, ensure_library, global_vector, query_vectors, synthetic_identity, video_chunks
 
-from ts2cli.store import Library
+from ts2cli.store import Library, _ann_is_live
 
 COMMIT_EVERY = 16  # as ts2 index
 REPLACED_SHARE = 0.25  # of the changes, videos already in the library whose vector changed (re-indexed)
@@ -91,7 +91,7 @@ def recall_at_10(directory: Path, queries: np.ndarray, rebuilt: bool) -> tuple[f
         else:
             index = library.ann()
         assert index is not None
-        labels = set(index.get_ids_list()) - {i for i in index.get_ids_list() if _deleted(index, i)}
+        labels = {label for label in index.get_ids_list() if _ann_is_live(index, label)}
         ids, vectors = library.global_vectors()
         hits = 0
         for query in queries:
@@ -100,14 +100,6 @@ def recall_at_10(directory: Path, queries: np.ndarray, rebuilt: bool) -> tuple[f
             found, _ = index.knn_query(query, k=10)
             hits += len(exact & set(found[0].tolist()))
         return hits / (10 * len(queries)), labels
-
-
-def _deleted(index: object, label: int) -> bool:
-    try:
-        index.get_items([label])  # type: ignore[attr-defined]
-    except RuntimeError:
-        return True
-    return False
 
 
 def main() -> None:
