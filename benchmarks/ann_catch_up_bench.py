@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from search_bench import DataParams, ensure_library, global_vector, query_vectors, synthetic_identity, video_chunks
 
-from ts2cli.store import Library, _ann_is_live
+from ts2cli.ann_index import is_live
+from ts2cli.store import Library
 
 COMMIT_EVERY = 16  # as ts2 index
 REPLACED_SHARE = 0.25  # of the changes, videos already in the library whose vector changed (re-indexed)
@@ -91,7 +92,7 @@ def recall_at_10(directory: Path, queries: np.ndarray, rebuilt: bool) -> tuple[f
         else:
             index = library.ann()
         assert index is not None
-        labels = {label for label in index.get_ids_list() if _ann_is_live(index, label)}
+        labels = {label for label in index.get_ids_list() if is_live(index, label)}
         ids, vectors = library.global_vectors()
         hits = 0
         for query in queries:

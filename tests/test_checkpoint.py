@@ -272,7 +272,7 @@ def test_a_model_recorded_before_the_topk_choice_keeps_the_topk_it_ran_with(tmp_
     """Until the inference top-k was an option, fixed mode ran the hard one: a library indexed then records no
     "topk", and its vectors must go on being made with the hard top-k, not mixed with perturbed ones."""
     from ts2cli.model.loading import options_from_source
-    from ts2cli.store import MODEL_SOURCE_KEY, same_model
+    from ts2cli.model_record import MODEL_SOURCE_KEY, same_model
 
     checkpoint = tmp_path / "tiny.safetensors"
     save_checkpoint(tiny_net(), checkpoint, dataclasses.replace(tiny_net().config))

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ts2cli import store
+from ts2cli import ann_index, store
+from ts2cli.ann_index import ANN_FILE, ANN_META_FILE
 from ts2cli.errors import LibraryError
-from ts2cli.store import ANN_FILE, ANN_META_FILE, DB_FILE, SCHEMA_VERSION, Library, default_library_dir
+from ts2cli.store import DB_FILE, SCHEMA_VERSION, Library, default_library_dir
 
 DIM = 16
 MODEL = {"name": "ViT-B-32/test", "frames": 4}
@@ -419,7 +420,7 @@ def test_no_sidecar_vouches_for_an_index_file_it_does_not_describe(
     def cut_off(*args: object) -> None:
         raise OSError(errno.EIO, "cut off")
 
-    monkeypatch.setattr(store, "write_text_atomically", cut_off)
+    monkeypatch.setattr(ann_index, "write_text_atomically", cut_off)
     with pytest.raises(LibraryError), Library.open(libdir, write=True) as lib:
         _put(lib, "/v/1.mp4", rng)
     monkeypatch.undo()

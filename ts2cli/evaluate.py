@@ -44,8 +44,8 @@ from .errors import Ts2Error, one_line
 from .metrics import TieMode, inverted_softmax, retrieval_metrics, video_to_text_metrics
 from .model import LoadedModel, TS2Net, out_of_memory_says
 from .model.config import Compat
+from .model_record import MODEL_SOURCE_KEY
 from .official_sampling import sample_official
-from .store import MODEL_SOURCE_KEY
 
 Head = Literal["ts2", "meanpool"]
 HEADS: tuple[Head, ...] = ("ts2", "meanpool")

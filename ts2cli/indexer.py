@@ -32,9 +32,10 @@ from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
+from .model_record import MODEL_SOURCE_KEY
 from .scan import ScanRules, check_roots, file_digest, fingerprint, scan_videos
 from .search import global_vector
-from .store import MODEL_SOURCE_KEY, Library, VideoRow, printable_path, storable_path
+from .store import Library, VideoRow, printable_path, storable_path
 
 if TYPE_CHECKING:  # torch and the model are imported only when a video is to be embedded (``ModelOnDemand``)
     import torch

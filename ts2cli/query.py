@@ -8,16 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .errors import LibraryError, Ts2Error
-from .store import (
-    MODEL_SOURCE_KEY,
-    Library,
-    VideoRow,
-    file_fingerprint,
-    model_summary,
-    printable_path,
-    record_topk,
-    same_model,
-)
+from .model_record import MODEL_SOURCE_KEY, file_fingerprint, model_summary, record_topk, same_model
+from .store import Library, VideoRow, printable_path
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded: a text search may not need it at all
     from .model import LoadedModel, ModelOptions

@@ -10,7 +10,7 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from .markup import shown
-from .store import model_summary
+from .model_record import model_summary
 
 ZERO_SHOT_NOTE = (
     "zero-shot: CLIP frame features combined by the TS2 similarity; no trained TS2-Net parts "

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ts2cli.durable import write_text_atomically
 from ts2cli.errors import Ts2Error
 
 # Lower-case, with the leading dot, so ``path.suffix.lower() in VIDEO_EXTENSIONS`` works directly.
@@ -268,8 +269,6 @@ def file_digest(path: Path | str) -> str:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     if _stat_key(path, path.stat()) == entry.name:  # not changed while it was read
-        from .store import write_text_atomically
-
         with contextlib.suppress(OSError):
             entry.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(entry, digest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import fcntl
 import json
 import os
@@ -33,26 +32,17 @@ import numpy as np
 import numpy.typing as npt
 import platformdirs
 
+from ts2cli import ann_index
+from ts2cli.ann_index import Generation
 from ts2cli.errors import LibraryError, one_line
+from ts2cli.model_record import canonical_json, model_summary, same_model
 from ts2cli.scan import ScanRules
 from ts2cli.stopping import stop_signals_held
 
 SCHEMA_VERSION = 1
 
 DB_FILE = "library.sqlite3"
-ANN_FILE = "ann.hnsw"
-ANN_META_FILE = "ann.json"
 LOCK_FILE = "lock"
-ANN_LOCK_FILE = "ann.lock"
-
-# Vectors are unit length before they reach the index, so inner product *is* cosine similarity; 'ip'
-# keeps the stored vectors bit-identical to SQLite's (hnswlib's 'cosine' would renormalise a copy).
-ANN_SPACE = "ip"
-ANN_M = 16
-# Measured on 20k clustered 512-d vectors: 200 costs 1.7x the build time for <1% recall at ef=2k.
-ANN_EF_CONSTRUCTION = 100
-ANN_SEED = 100
-_ANN_FORMAT = 1
 
 _SQL_CHUNK = 900  # stays under SQLite's historic 999 bound-parameter limit
 _REBUILD_CHUNK = 8192
@@ -110,16 +100,8 @@ class LibraryStats:
 
 
 @dataclass(frozen=True, slots=True)
-class _Generation:
-    # The counter is for humans; the random id is what makes a tag unique even if a power cut rolls
-    # SQLite back (synchronous=NORMAL) and the counter is later reached again with different content.
-    number: int
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
 class _VectorChanges:
-    current: _Generation
+    current: Generation
     vectors: dict[int, np.ndarray | None]
     """Per video whose vector changed since the generation asked about: its vector now, or None if it has none."""
     live: int | None
@@ -186,7 +168,7 @@ class Library:
         # In-memory ANN state. It always mirrors the last *committed* generation; changes made in the open
         # transaction wait in _pending (id -> new unit vector, or None for "remove") until commit().
         self._ann: hnswlib.Index | None = None
-        self._ann_gen: _Generation | None = None  # None = not loaded
+        self._ann_gen: Generation | None = None  # None = not loaded
         self._ann_count = 0  # live vectors
         self._ann_dirty = False  # in memory differs from the files
         self._pending: dict[int, np.ndarray | None] = {}
@@ -371,9 +353,9 @@ class Library:
             (key, value),
         )
 
-    def _generation(self) -> _Generation:
+    def _generation(self) -> Generation:
         rows = dict(self._conn.execute("SELECT key, value FROM meta WHERE key IN ('generation', 'generation_id')"))
-        return _Generation(int(rows.get("generation", 0)), rows.get("generation_id", ""))
+        return Generation(int(rows.get("generation", 0)), rows.get("generation_id", ""))
 
     # ------------------------------------------------------------------ model configuration
 
@@ -393,7 +375,7 @@ class Library:
 
     def set_model_config(self, config: dict[str, Any]) -> None:
         with self._write_step():
-            self._set_meta("model", _canonical_json(config))
+            self._set_meta("model", canonical_json(config))
 
     def loaded_from(self) -> dict[str, Any] | None:
         """The model request (``indexer.model_request``) that the library's model record was last loaded from, or
@@ -423,7 +405,7 @@ class Library:
             return
         stored = self.model_config()
         if stored is not None and same_model(stored, config):
-            if self.write and _canonical_json(stored) != _canonical_json(config):
+            if self.write and canonical_json(stored) != canonical_json(config):
                 self.set_model_config(config)  # same model, loaded from another place: remember the new one
             return
         if stored is None:
@@ -445,7 +427,7 @@ class Library:
             self._set_meta("linked_folders", "{}")
             self._set_meta("link_paths", "{}")
             self._set_meta("folder_rules", "{}")
-            self._set_meta("model", _canonical_json(config))
+            self._set_meta("model", canonical_json(config))
             self._pending.clear()
             self._pending_reset = True
 
@@ -809,7 +791,7 @@ class Library:
             try:
                 if changed:
                     old = self._generation()
-                    new = _Generation(old.number + 1, secrets.token_hex(8))
+                    new = Generation(old.number + 1, secrets.token_hex(8))
                     self._set_meta("generation", str(new.number))
                     self._set_meta("generation_id", new.token)
                     self._log_changes(new)
@@ -820,7 +802,7 @@ class Library:
             if changed:
                 self._apply_pending(new)
 
-    def _log_changes(self, new: _Generation) -> None:
+    def _log_changes(self, new: Generation) -> None:
         if self._pending_reset:  # no saved index can be brought up to date across an emptying
             self._conn.execute("DELETE FROM generations")
             self._conn.execute("DELETE FROM vector_changes")
@@ -868,7 +850,7 @@ class Library:
         k = min(int(k), self._ann_count)
         if index is None or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        q = _unit(np.asarray(query, dtype=np.float32).reshape(-1))
+        q = ann_index.unit_query(np.asarray(query, dtype=np.float32).reshape(-1))
         if q.shape[0] != index.dim:
             raise ValueError(f"query is {q.shape[0]}-d, the library holds {index.dim}-d vectors")
         # ef is the search beam; it must be >= k, and 2k keeps recall high for the few hundred candidates
@@ -925,7 +907,7 @@ class Library:
         self._ann_dirty = not saved
         self.last_ann_load = source
 
-    def _changes_since(self, gen: _Generation) -> _VectorChanges | None:
+    def _changes_since(self, gen: Generation) -> _VectorChanges | None:
         """How the vectors changed after generation ``gen``; None when the change log cannot tell: ``gen`` is not
         in this database's history (a power cut took it back, the library was emptied since) or is older than the
         log, or a ts2 that keeps no log has written since (a generation is missing)."""
@@ -954,15 +936,15 @@ class Library:
             return _VectorChanges(current, {video_id: vectors.get(video_id) for video_id in ids}, self.count_ok())
 
     def _caught_up(
-        self, index: hnswlib.Index | None, gen: _Generation, count: int, changes: _VectorChanges | None
-    ) -> tuple[hnswlib.Index | None, _Generation, int] | None:
+        self, index: hnswlib.Index | None, gen: Generation, count: int, changes: _VectorChanges | None
+    ) -> tuple[hnswlib.Index | None, Generation, int] | None:
         """``index`` (at ``gen``, ``count`` live vectors) with ``changes`` applied in place; None if they are None
         or the result does not hold one vector per indexed video (then the index is not to be used)."""
         if changes is None:
             return None
         if changes.current == gen:
             return index, gen, count
-        index, count = _apply_changes(index, count, changes.vectors)
+        index, count = ann_index.apply_changes(index, count, changes.vectors)
         return (index, changes.current, count) if count == changes.live else None
 
     def _global_vectors_of(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -974,7 +956,7 @@ class Library:
             vectors.update((video_id, np.frombuffer(blob, dtype="<f4")) for video_id, blob in rows)
         return vectors
 
-    def _rebuild_ann(self) -> tuple[hnswlib.Index | None, _Generation, int]:
+    def _rebuild_ann(self) -> tuple[hnswlib.Index | None, Generation, int]:
         # Streams the vectors in chunks so a big library never sits in memory twice.
         index: hnswlib.Index | None = None
         count = 0
@@ -982,14 +964,14 @@ class Library:
             gen = self._generation()
             for ids, vectors in self._global_chunks(_REBUILD_CHUNK):
                 if index is None:
-                    index = _new_index(vectors.shape[1], _REBUILD_CHUNK)
+                    index = ann_index.new_index(vectors.shape[1], _REBUILD_CHUNK)
                 if count + len(ids) > index.get_max_elements():
                     index.resize_index(2 * index.get_max_elements())
                 index.add_items(vectors, ids)
                 count += len(ids)
         return index, gen, count
 
-    def _try_save(self, index: hnswlib.Index | None, gen: _Generation, count: int) -> bool:
+    def _try_save(self, index: hnswlib.Index | None, gen: Generation, count: int) -> bool:
         # A failed save (read-only library, full disk) must not stop a search; a writer retries in save_ann.
         try:
             self._write_ann_files(index, gen, count)
@@ -997,7 +979,7 @@ class Library:
             return False
         return True
 
-    def _apply_pending(self, gen: _Generation) -> None:
+    def _apply_pending(self, gen: Generation) -> None:
         try:
             if self._pending_reset:
                 self._ann, self._ann_count = None, 0
@@ -1012,18 +994,18 @@ class Library:
             self._pending.clear()
             self._pending_reset = False
 
-    def _apply_to_index(self, gen: _Generation) -> None:
-        self._ann, self._ann_count = _apply_changes(self._ann, self._ann_count, self._pending)
+    def _apply_to_index(self, gen: Generation) -> None:
+        self._ann, self._ann_count = ann_index.apply_changes(self._ann, self._ann_count, self._pending)
         self._ann_gen, self._ann_dirty = gen, True
 
-    def _read_ann_files(self) -> tuple[tuple[hnswlib.Index | None, _Generation, int] | None, AnnSource]:
+    def _read_ann_files(self) -> tuple[tuple[hnswlib.Index | None, Generation, int] | None, AnnSource]:
         """The saved index, brought up to date if it is older than SQLite's generation; None if it is missing,
         damaged or cannot be brought up to date. With how it was obtained ("disk" or "caught up")."""
-        with _ann_files_lock(self.directory, shared=True):
-            meta = self._read_sidecar()
-            if meta is None:
+        with ann_index.files_lock(self.directory, shared=True):
+            meta = ann_index.read_sidecar(self.directory)
+            gen = ann_index.sidecar_generation(meta)
+            if meta is None or gen is None:
                 return None, "disk"
-            gen = _Generation(meta["generation"], meta["generation_id"])
             # Read under the lock: a writer that saves a newer index forgets the log before it (_forget_changes).
             changes = self._changes_since(gen)
             if changes is None:
@@ -1031,87 +1013,27 @@ class Library:
             source: AnnSource = "disk" if changes.current == gen else "caught up"
             if meta["count"] == 0:
                 return self._caught_up(None, gen, 0, changes), source
-            path = self.directory / ANN_FILE
-            try:
-                if path.stat().st_size != meta["index_bytes"]:
-                    return None, "disk"
-                # Always a fresh Index object: reloading into a used one crashes hnswlib on bad files.
-                index = hnswlib.Index(space=ANN_SPACE, dim=int(meta["dim"]))
-                index.load_index(str(path), allow_replace_deleted=True)
-            except (OSError, RuntimeError, ValueError, MemoryError):
-                return None, "disk"
-        if index.dim != self._library_dim() or index.get_current_count() < meta["count"]:
+            index = ann_index.load_index_file(self.directory, meta)
+        if index is None or index.dim != self._library_dim():
             return None, "disk"
         return self._caught_up(index, gen, int(meta["count"]), changes), source
 
-    def _read_sidecar(self) -> dict[str, Any] | None:
-        try:
-            meta = json.loads((self.directory / ANN_META_FILE).read_text(encoding="utf-8"))
-            expected = {
-                "format": int,
-                "generation": int,
-                "generation_id": str,
-                "count": int,
-                "index_bytes": int,
-            }
-            if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in expected.items()):
-                return None
-            if meta["format"] != _ANN_FORMAT or meta.get("space") != ANN_SPACE:
-                return None
-            if meta["count"] > 0 and not isinstance(meta.get("dim"), int):
-                return None
-            return meta
-        except (OSError, ValueError):
-            return None
+    def _files_generation(self) -> Generation | None:
+        return ann_index.sidecar_generation(ann_index.read_sidecar(self.directory))
 
-    def _files_generation(self) -> _Generation | None:
-        meta = self._read_sidecar()
-        return None if meta is None else _Generation(meta["generation"], meta["generation_id"])
-
-    def _write_ann_files(self, index: hnswlib.Index | None, gen: _Generation, count: int) -> None:
-        directory = self.directory
-        with _ann_files_lock(directory, shared=False):
+    def _write_ann_files(self, index: hnswlib.Index | None, gen: Generation, count: int) -> None:
+        with ann_index.files_lock(self.directory, shared=False):
             # A reader may have rebuilt from a snapshot that a writer has since moved past; saving that
             # would only force another rebuild later, so skip it.
             if not self.write and self._generation() != gen:
                 return
-            _remove_stale_temp_files(directory)
-            # The old sidecar goes first: should SQLite lose its last commit to a power cut after the new index file
-            # replaced the old one, the old sidecar would match the database again and vouch for the wrong file.
-            (directory / ANN_META_FILE).unlink(missing_ok=True)
-            _fsync_dir(directory)
-            target = directory / ANN_FILE
-            if index is None:
-                target.unlink(missing_ok=True)
-                index_bytes = 0
-            else:
-                tmp = directory / f".{ANN_FILE}.{os.getpid()}.tmp"
-                index.save_index(str(tmp))
-                _fsync_file(tmp)
-                if not _reads_back(tmp, index):
-                    tmp.unlink(missing_ok=True)
-                    raise OSError(errno.ENOSPC, "the search index file came out incomplete (is the disk full?)")
-                os.replace(tmp, target)
-                index_bytes = target.stat().st_size
-            sidecar = {
-                "format": _ANN_FORMAT,
-                "generation": gen.number,
-                "generation_id": gen.token,
-                "count": count,
-                "dim": None if index is None else index.dim,
-                "space": ANN_SPACE,
-                "M": ANN_M if index is None else index.M,
-                "ef_construction": ANN_EF_CONSTRUCTION if index is None else index.ef_construction,
-                "index_bytes": index_bytes,
-            }
-            write_text_atomically(directory / ANN_META_FILE, json.dumps(sidecar, indent=1) + "\n")
-            _fsync_dir(directory)
+            ann_index.write_files(self.directory, index, gen, count)
             if self.write:
                 self._forget_changes(gen)
         if self._ann is index and self._ann_gen == gen:
             self._ann_dirty = False
 
-    def _forget_changes(self, saved: _Generation) -> None:
+    def _forget_changes(self, saved: Generation) -> None:
         """Drop the part of the change log that no saved index needs any more: the files are at ``saved`` now."""
         with self._immediate_transaction():  # an index rebuilt for a write: committed with that write
             self._conn.execute("DELETE FROM generations WHERE number < ?", (saved.number,))
@@ -1352,93 +1274,6 @@ def _decode_frames(blob: bytes, dim: int, dtype: npt.DTypeLike = np.float32) -> 
     return frames if np.dtype(dtype) == frames.dtype else frames.astype(dtype)
 
 
-def _canonical_json(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-MODEL_SOURCE_KEY = "source"
-"""Entry of a model config that says where the weights were loaded from. Files move, so it is not compared."""
-
-
-WEIGHT_KEYS = ("clip_weights", "checkpoint")
-"""Identity fields naming weights: a local file is ``name#sha256:digest`` (see ``WEIGHTS_DIGEST``), a tag is the
-tag."""
-WEIGHTS_DIGEST = "sha256:"
-"""How a weights file's fingerprint in a model record starts when it is a digest of the whole file."""
-
-
-def file_fingerprint(value: Any) -> str | None:
-    """The content part of a weights field that names a local file (``name#fingerprint``); None for a tag."""
-    return value.rpartition("#")[2] if isinstance(value, str) and "#" in value else None
-
-
-def _comparable(config: dict[str, Any]) -> str:
-    # Weights files move and get renamed: their content decides, not their name.
-    comparable = {k: v for k, v in config.items() if k != MODEL_SOURCE_KEY}
-    if (topk := record_topk(config)) is not None:
-        comparable["topk"] = topk
-    for key in WEIGHT_KEYS:
-        if (fingerprint := file_fingerprint(comparable.get(key))) is not None:
-            comparable[key] = "#" + fingerprint
-    return _canonical_json(comparable)
-
-
-def implied_topk(compat: str | None) -> str:
-    """The inference top-k of a TS2-Net recorded before it was a choice: its compat mode decided it (fixed: hard)."""
-    return "hard" if compat == "fixed" else "perturbed"
-
-
-def record_topk(config: dict[str, Any]) -> str | None:
-    """A TS2-Net record's inference top-k; None for a zero-shot model, which selects no tokens."""
-    if config.get("mode") != "ts2net":
-        return None
-    return config.get("topk") or implied_topk(config.get("compat"))
-
-
-def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two model configs describe the same model, wherever its weights were loaded from."""
-    return same_record(a, b) or _same_by_sampled_fingerprints(a, b) or _same_by_sampled_fingerprints(b, a)
-
-
-def same_record(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two model configs say the same thing (``source`` aside), fingerprints included: what a file
-    written for one record (the text encoder copy) must match, so that ``ts2 index`` rewrites it when the record
-    changes."""
-    return _comparable(a) == _comparable(b)
-
-
-def _same_by_sampled_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether ``old``, a record written before weights files were digested whole (they were named by
-    ``scan.fingerprint``, three sampled chunks), names the model ``new`` was loaded from: the files in ``new``'s
-    source have the sampled fingerprints that ``old`` records. Such a library keeps working, and ``check_model``
-    then records the whole-file digests."""
-    from .scan import fingerprint
-
-    files = new.get(MODEL_SOURCE_KEY) or {}
-    relabelled, sampled = dict(new), False
-    for key, file_key in zip(WEIGHT_KEYS, ("weights_file", "checkpoint"), strict=True):
-        recorded = file_fingerprint(old.get(key))
-        if recorded is None or recorded.startswith(WEIGHTS_DIGEST):
-            continue
-        try:
-            relabelled[key] = "#" + fingerprint(files[file_key])[:16]
-        except (KeyError, TypeError, OSError):
-            return False
-        sampled = True
-    return sampled and _comparable(old) == _comparable(relabelled)
-
-
-def model_summary(config: dict[str, Any]) -> str:
-    """A model record in a few words, for messages about which model a library holds."""
-    if "backbone" in config:
-        weights = config.get("checkpoint") or config.get("clip_weights")
-        mode, frames, compat = config.get("mode"), config.get("frames"), config.get("compat")
-        topk = f", {rule} top-k" if (rule := record_topk(config)) else ""
-        return f"{config['backbone']} ({weights}, {mode}, {frames} frames, compat {compat}{topk})"
-    text = _comparable(config)
-    return text if len(text) <= 120 else text[:119] + "…"
-
-
 def _tree_size(directory: Path) -> int:
     total = 0
     for root, _, files in os.walk(directory):
@@ -1448,96 +1283,6 @@ def _tree_size(directory: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
-
-
-# ---------------------------------------------------------------------- helpers: hnswlib
-
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("query vector must be finite and non-zero")
-    return (vector / norm).astype(np.float32)
-
-
-def _new_index(dim: int, capacity: int) -> hnswlib.Index:
-    index = hnswlib.Index(space=ANN_SPACE, dim=dim)
-    index.init_index(
-        max_elements=max(capacity, 64),
-        ef_construction=ANN_EF_CONSTRUCTION,
-        M=ANN_M,
-        random_seed=ANN_SEED,
-        allow_replace_deleted=True,
-    )
-    return index
-
-
-def _apply_changes(
-    index: hnswlib.Index | None, live: int, changes: dict[int, np.ndarray | None]
-) -> tuple[hnswlib.Index | None, int]:
-    """``index`` (``live`` vectors) with ``changes`` (label -> new unit vector, or None for "remove") applied in
-    place, or a new index if there was none; and how many live vectors it holds now."""
-    # Removals first, so that the additions can reuse the freed slots.
-    for label in [label for label, vector in changes.items() if vector is None]:
-        live -= _ann_remove(index, label)
-    additions = {label: vector for label, vector in changes.items() if vector is not None}
-    if additions:
-        if index is None:
-            index = _new_index(len(next(iter(additions.values()))), len(additions))
-        live += _ann_upsert(index, additions, live)
-    return index, live
-
-
-def _ann_is_live(index: hnswlib.Index, label: int) -> bool:
-    try:
-        index.get_items([label])  # raises for absent *and* for deleted labels
-    except RuntimeError:
-        return False
-    return True
-
-
-def _ann_remove(index: hnswlib.Index | None, label: int) -> int:
-    """Mark ``label`` deleted; returns how many live vectors went away (0 or 1)."""
-    if index is None:
-        return 0
-    try:
-        index.mark_deleted(label)
-    except RuntimeError:  # absent or already deleted
-        return 0
-    return 1
-
-
-def _ann_upsert(index: hnswlib.Index, vectors: dict[int, np.ndarray], live: int) -> int:
-    """Add or replace ``vectors`` (label -> unit vector); returns how many new live vectors there are.
-
-    hnswlib has three cases. A live label is updated in place by add_items. A deleted label must be
-    undeleted first (add_items refuses it when replacing deleted slots is enabled). Only a label the
-    index has never seen may use replace_deleted=True, which recycles a deleted slot; using it for an
-    existing label would leave that label in two slots.
-    """
-    updates: dict[int, np.ndarray] = {}
-    fresh: dict[int, np.ndarray] = {}
-    revived = 0
-    for label, vector in vectors.items():
-        if _ann_is_live(index, label):
-            updates[label] = vector
-        else:
-            try:
-                index.unmark_deleted(label)
-            except RuntimeError:
-                fresh[label] = vector
-                continue
-            revived += 1
-            updates[label] = vector
-    if updates:
-        index.add_items(np.stack(list(updates.values())), np.fromiter(updates, dtype=np.int64))
-    if fresh:
-        vacant = index.get_current_count() - (live + revived)
-        needed = index.get_current_count() + max(0, len(fresh) - vacant)
-        if needed > index.get_max_elements():
-            index.resize_index(max(needed, 2 * index.get_max_elements()))
-        index.add_items(np.stack(list(fresh.values())), np.fromiter(fresh, dtype=np.int64), replace_deleted=True)
-    return revived + len(fresh)
 
 
 # ---------------------------------------------------------------------- helpers: files and locks
@@ -1601,64 +1346,3 @@ def _try_flock(fd: int, kind: int = fcntl.LOCK_EX) -> bool:
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         os.close(fd)  # closing a descriptor releases its flock
-
-
-@contextlib.contextmanager
-def _ann_files_lock(directory: Path, *, shared: bool) -> Iterator[None]:
-    path = directory / ANN_LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            # Read-only library without the lock file: nobody can be writing the ANN files anyway.
-            yield
-            return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames themselves durable; not possible on every platform/filesystem.
-    with contextlib.suppress(OSError):
-        _fsync_file(directory)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _reads_back(path: Path, index: hnswlib.Index) -> bool:
-    """Whether a saved index file loads whole. hnswlib's save does not report write errors: on a full disk it
-    leaves a cut-off file and returns, and replacing the good file with it would break every later load."""
-    check = hnswlib.Index(space=ANN_SPACE, dim=index.dim)
-    try:
-        check.load_index(str(path))
-    except RuntimeError:
-        return False
-    return check.get_current_count() == index.get_current_count()
-
-
-def _remove_stale_temp_files(directory: Path) -> None:
-    # Left by a process killed mid-save; safe to remove because we hold the ANN files lock exclusively.
-    for name in (ANN_FILE, ANN_META_FILE):
-        for stale in directory.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)

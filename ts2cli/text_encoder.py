@@ -29,7 +29,8 @@ import numpy as np
 
 from . import tokenizer
 from .cores import available_cores
-from .store import DB_FILE, Library, same_record
+from .model_record import same_record
+from .store import DB_FILE, Library
 from .tokenizer import encode
 
 if TYPE_CHECKING:

@@ -56,7 +56,7 @@ from .evaluate import (
 from .metrics import TieMode
 from .model import LoadedModel, ModelOptions, load_model, out_of_memory_says, save_checkpoint, symmetric_infonce
 from .model.preprocess import tokenize
-from .store import MODEL_SOURCE_KEY
+from .model_record import MODEL_SOURCE_KEY
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "fp16", "bf16")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, Ts2Error
-from ..store import MODEL_SOURCE_KEY, implied_topk
+from ..model_record import MODEL_SOURCE_KEY, WEIGHTS_DIGEST, implied_topk
 from . import text_tower
 from .backbone import (
     build_clip,
@@ -357,7 +357,6 @@ def _file_id(path: Path) -> str:
     """``NAME#sha256:DIGEST``: the file's name for people, the digest of its whole content to compare models by
     (a moved or renamed weights file is the same model; a fine-tuned copy of the same size is not)."""
     from ..scan import file_digest
-    from ..store import WEIGHTS_DIGEST
 
     return f"{Path(path).name}#{WEIGHTS_DIGEST}{file_digest(path)[:16]}"
 
