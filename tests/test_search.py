@@ -362,3 +362,26 @@ def test_a_narrow_terminal_shows_every_result_whole():
     console.print(results_table([tiny], 100))
     shown = console.export_text()
     assert "-0.000" not in shown and "0.000" in shown, shown
+
+
+def test_a_video_removed_while_a_search_runs_gives_its_place_to_the_next_best(own_library, monkeypatch):
+    """An index run that removes a scored video before its row is read (a real second connection, deleting at
+    that moment) leaves the result one shorter unless the next best video steps in."""
+    libdir, _, videos = own_library()
+    with Library.open(libdir) as lib:
+        vector = text_query(load_library_model(lib, None, device="cpu"), "a beach")[0]
+        everything = [h.video_id for h in rank(lib, vector, SearchOptions(limit=3))]
+        read_rows = lib.videos
+
+        def removed_first(ids):
+            if everything[0] in ids:
+                with Library.open(libdir, write=True) as writer:
+                    writer.begin_scan([videos])  # a scan that no longer sees the best video
+                    for video_id in everything[1:]:
+                        writer.mark_seen(video_id)
+                    writer.sweep_unseen([videos])
+            return read_rows(ids)
+
+        monkeypatch.setattr(lib, "videos", removed_first)
+        hits = rank(lib, vector, SearchOptions(limit=2))
+    assert [h.video_id for h in hits] == everything[1:]

@@ -76,15 +76,17 @@ def rank(
         return []
     ids, scores, weights = score_candidates(library, query, ids, eps=eps)
     order = np.argsort(-scores, kind="stable")
-    rows = library.videos([ids[i] for i in order[: options.limit]])
-    hits = []
-    for position in order[: options.limit]:
-        score = float(scores[position])
-        if options.min_score is not None and score < options.min_score:
-            break
-        row = rows.get(ids[position])
-        if row is not None:
-            hits.append(_hit(row, score, weights[position]))
+    if options.min_score is not None:
+        order = order[scores[order] >= options.min_score]
+    hits: list[Hit] = []
+    # Rows are read a limit's worth at a time: a video a concurrent index removes after it was scored is skipped,
+    # and the next best one takes its place.
+    taken = 0
+    while len(hits) < options.limit and taken < len(order):
+        positions = order[taken : taken + options.limit - len(hits)]
+        taken += len(positions)
+        rows = library.videos([ids[i] for i in positions])
+        hits.extend(_hit(rows[ids[i]], float(scores[i]), weights[i]) for i in positions if ids[i] in rows)
     return hits
 
 
