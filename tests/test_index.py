@@ -318,6 +318,31 @@ def test_a_copy_whose_original_vanished_mid_run_is_embedded_itself(tmp_path, mak
     assert [Path(row.path).name for row in library.videos(library.ids_under(folder)).values()] == ["2.mp4"]
 
 
+def test_a_file_that_grows_while_it_is_planned_is_stored_at_the_size_it_was_read(
+    tmp_path, make_video, library, model, monkeypatch
+):
+    """A file still being written (a copy in progress) grows between the scan's stat and its fingerprint: the row
+    holds the size and time the fingerprint read, so that once the file is whole the next run re-embeds it instead
+    of taking the rest for a touch of the same content."""
+    from ts2cli import indexer, scan
+
+    make_video("v/a.mp4", seconds=1)
+    path = (tmp_path / "v" / "a.mp4").resolve()
+
+    def grown_first(file):
+        with open(file, "ab") as f:  # the copy goes on while the plan is made
+            f.write(b"\0" * 1000)
+        return scan.fingerprint_and_stat(file)
+
+    monkeypatch.setattr(indexer, "fingerprint_and_stat", grown_first)
+    assert index(library, model, tmp_path / "v").indexed == 1
+    monkeypatch.undo()
+    row = library.get_by_path(str(path))
+    assert (row.size, row.mtime) == (path.stat().st_size, path.stat().st_mtime)
+    assert scan.fingerprint(path) == row.fingerprint
+    assert index(library, model, tmp_path / "v").unchanged == 1
+
+
 def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
     index(library, model, tmp_path / "v")

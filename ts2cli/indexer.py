@@ -33,7 +33,7 @@ from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
 from .model_record import MODEL_SOURCE_KEY
-from .scan import ScanRules, check_roots, file_digest, fingerprint, scan_videos
+from .scan import ScanRules, check_roots, file_digest, fingerprint_and_stat, scan_videos
 from .search import global_vector
 from .store import Library, VideoRow, printable_path, storable_path
 
@@ -500,7 +500,7 @@ def _plan(
                 summary.failed_unchanged += 1
             continue
         try:
-            digest = fingerprint(path)
+            digest, stat = fingerprint_and_stat(path)
         except FileNotFoundError:
             continue
         except OSError as error:

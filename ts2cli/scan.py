@@ -239,16 +239,23 @@ def fingerprint(path: Path | str) -> str:
     outside those chunks (and have the same size) collide; for video files that does not happen in practice
     because containers rewrite headers and indexes whenever content changes.
     """
+    return fingerprint_and_stat(path)[0]
+
+
+def fingerprint_and_stat(path: Path | str) -> tuple[str, os.stat_result]:
+    """``fingerprint`` with the file's stat as it was read: a file still being written has the size it was
+    fingerprinted at, not the one a stat a moment earlier saw."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
         digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
         if size <= 3 * FINGERPRINT_CHUNK:
-            digest.update(f.read())
+            digest.update(f.read(size))
         else:
             for offset in (0, (size - FINGERPRINT_CHUNK) // 2, size - FINGERPRINT_CHUNK):
                 f.seek(offset)
                 digest.update(f.read(FINGERPRINT_CHUNK))
-    return digest.hexdigest()
+    return digest.hexdigest(), stat
 
 
 def file_digest(path: Path | str) -> str:
