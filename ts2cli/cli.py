@@ -37,7 +37,7 @@ from .cli_options import (
 )
 from .cli_research import eval_app, train_app
 from .errors import Ts2Error
-from .markup import TrimmedStdout, shown
+from .markup import TrimmedStdout, counted, shown
 from .stopping import replace_stop_handlers, restore_handlers
 
 app = typer.Typer(
@@ -336,10 +336,7 @@ def gone_root_hint(library: str | None, folders: list[str]) -> str:
     if not held:
         return ""
     total = sum(counts.values())
-    return (
-        f"; the library still holds {total} video{'' if total == 1 else 's'} from there: "
-        f"`ts2 forget {' '.join(held)}` removes them"
-    )
+    return f"; the library still holds {counted(total, 'video')} from there: `ts2 forget {' '.join(held)}` removes them"
 
 
 @app.command("forget", short_help="Remove a gone folder's videos from the library.")
@@ -364,7 +361,7 @@ def forget_command(
         return
     if not removed:
         console.print(f"[yellow]note:[/yellow] The library holds no video under {shown(', '.join(paths))}.")
-    output.print(f"Removed {len(removed)} video{'' if len(removed) == 1 else 's'} from the library.")
+    output.print(f"Removed {counted(len(removed), 'video')} from the library.")
 
 
 @app.command("status", short_help="The library: model, folders, videos, failures.")

@@ -28,7 +28,7 @@ from .cli_options import (
     TrainPrecisionChoice,
 )
 from .datasets import EVAL_BATCH_SIZE
-from .markup import shown
+from .markup import counted, shown
 
 if TYPE_CHECKING:
     from .datasets import CaptionSet
@@ -262,9 +262,9 @@ def _run_eval(load: Callable[[], CaptionSet], model: ModelOptions, options: Any,
     if result.failed:
         first = shown("; ".join(f"{video}: {reason}" for video, reason in result.failed[:3]))
         more = f" and {len(result.failed) - 3} more" if len(result.failed) > 3 else ""
-        counted = "counted as misses" if result.ties == "strict" else "their captions left out, as the reference does"
-        videos = "1 video" if len(result.failed) == 1 else f"{len(result.failed)} videos"
-        console.print(f"[yellow]{videos} could not be decoded[/yellow] ({counted}): {first}{more}")
+        how = "counted as misses" if result.ties == "strict" else "their captions left out, as the reference does"
+        videos = counted(len(result.failed), "video")
+        console.print(f"[yellow]{videos} could not be decoded[/yellow] ({how}): {first}{more}")
     if result.missing:
         videos = "1 listed video is" if len(result.missing) == 1 else f"{len(result.missing)} listed videos are"
         console.print(f"[yellow]{videos} missing[/yellow]: not comparable to full-set numbers.")

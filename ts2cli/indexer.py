@@ -399,8 +399,9 @@ def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSumm
         # A folder that is a symlink now (moved to a bigger disk, a link left in its place) is scanned where it
         # leads, as naming it would; the rules recorded for that place itself come last and win.
         rules = {stored_form(root): usable[root] for root in sorted(usable, key=lambda root: root == stored_form(root))}
-        summary.skipped_folders = [(str(root), _why_skipped(root)) for root in recorded if root not in usable]
-        skipped = ", ".join(f"{root} ({why.split(';')[0]})" for root, why in summary.skipped_folders)
+        unusable = {root: _why_skipped(root) for root in recorded if root not in usable}
+        summary.skipped_folders = [(str(root), why) for root, (_, why) in unusable.items()]
+        skipped = ", ".join(f"{root} ({briefly})" for root, (briefly, _) in unusable.items())
         if options.rebuild and skipped:  # a rebuild forgets every video, theirs too: the user must choose
             raise Ts2Error(
                 f"--rebuild would forget the videos of {skipped}; "
@@ -418,10 +419,12 @@ def _aliases(library: Library, roots: list[Path]) -> list[Path]:
     return [root for root in library.folder_rules() if root not in roots and stored_form(root) in roots]
 
 
-def _why_skipped(root: Path) -> str:
+def _why_skipped(root: Path) -> tuple[str, str]:
+    """Why a folder of the library is not scanned: in a few words, and in full with what to do about it."""
     if not root.exists():
-        return f"not there now; its videos are kept (`ts2 forget {root}` removes them)"
-    return "indexed by an older ts2, which did not record its --exclude and --hidden; index it once by name"
+        return "not there now", f"not there now; its videos are kept (`ts2 forget {root}` removes them)"
+    briefly = "indexed by an older ts2"
+    return briefly, f"{briefly}, which did not record its --exclude and --hidden; index it once by name"
 
 
 def require_folders(library: Library) -> dict[Path, ScanRules | None]:

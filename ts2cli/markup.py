@@ -14,6 +14,11 @@ _UNSEEN = {"Cc", "Zl", "Zp"}
 _SPACES_BEFORE_NEWLINE = re.compile(r" +\n")
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``number`` and ``noun`` in words: "1 video", "1,204 videos"."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
+
+
 def shown(text: str) -> str:
     """``text`` with rich markup escaped ("[bold]" in a file name is not markup) and each control character written
     as its escape ("\\n", "\\x1b"), as a file name that holds a newline or a terminal escape is printed."""

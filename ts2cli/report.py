@@ -9,7 +9,7 @@ from typing import Any
 from rich.filesize import decimal
 from rich.table import Table
 
-from .markup import shown
+from .markup import counted, shown
 from .model_record import model_summary
 
 ZERO_SHOT_NOTE = (
@@ -130,7 +130,7 @@ def status_table(status: dict[str, Any]) -> Table:
     if len(status["failed"]) > 20:
         table.add_row("", f"… and {len(status['failed']) - 20} more (see --json)")
     for number, folder in enumerate(status["folders"]):
-        videos = f"{folder['videos']:,} video{'' if folder['videos'] == 1 else 's'}"
+        videos = counted(folder["videos"], "video")
         rules = [f"excluding {shown(' '.join(folder['exclude']))}"] if folder["exclude"] else []
         rules += ["hidden files too"] if folder["hidden"] else []
         gone = [] if folder["present"] else ["[yellow]not found[/yellow]"]
