@@ -583,8 +583,8 @@ def _embed_all(
     stats.workers, stats.model_workers, stats.torch_threads = plan.workers, plan.model_workers, plan.torch_threads
     stats.batch_size = batch_size
     window = (plan.model_workers + 1) * batch_size  # the batches in the model, and the next one
-    since_commit = 0
-    last_save = last_commit = time.monotonic()
+    commits = _Commits(library, stats, options.commit_every, options.commit_seconds)
+    last_save = time.monotonic()
     batch: list[tuple[_Work, SampledVideo]] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
@@ -595,18 +595,15 @@ def _embed_all(
                 elif isinstance(result, str):
                     _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, result)
                     progress.done(work.path, "failed", result)
-                    since_commit += 1  # a kill must not cost decoding a whole folder of broken files again
+                    commits.add(1)  # a kill must not cost decoding a whole folder of broken files again
                 else:
                     batch.append((work, result))
                 if len(batch) >= batch_size:
                     runner.submit(batch)
                     batch = []
                 for done in runner.finished():
-                    since_commit += _store_batch(library, done, summary, progress, model.device)
-                overdue = since_commit and time.monotonic() - last_commit >= options.commit_seconds
-                if since_commit >= options.commit_every or overdue:
-                    _timed_commit(library, stats)
-                    since_commit, last_commit = 0, time.monotonic()
+                    commits.add(_store_batch(library, done, summary, progress, model.device))
+                commits.add(0)  # the time may be up with nothing new stored
                 if time.monotonic() - last_save > ANN_SAVE_INTERVAL_S:
                     # bounds the change log that searches during a long run apply to the saved ANN index
                     library.save_ann()
@@ -614,7 +611,7 @@ def _embed_all(
             if batch:
                 runner.submit(batch)
             for done in runner.finished(wait_all=True):
-                _store_batch(library, done, summary, progress, model.device)
+                commits.add(_store_batch(library, done, summary, progress, model.device))
     finally:
         _timed_commit(library, stats)  # whatever was stored is kept, also on Ctrl-C
         stats.dtype = model.dtype_name if model.precision_known else None
@@ -729,6 +726,26 @@ def _out_of_memory_says(device: torch.device, videos: int) -> contextlib.Abstrac
         f"embedding a batch of {videos} video{'s' if videos != 1 else ''} on {device.type}",
         "run again with a smaller --batch-size (the videos indexed so far are kept)",
     )
+
+
+@dataclass
+class _Commits:
+    """Commits the stored videos every ``every`` of them or ``seconds`` after the last commit, whichever comes
+    first: what a kill -9 can cost."""
+
+    library: Library
+    stats: PipelineStats
+    every: int
+    seconds: float
+    uncommitted: int = 0
+    last: float = field(default_factory=time.monotonic)
+
+    def add(self, stored: int) -> None:
+        self.uncommitted += stored
+        overdue = self.uncommitted and time.monotonic() - self.last >= self.seconds
+        if self.uncommitted >= self.every or overdue:
+            _timed_commit(self.library, self.stats)
+            self.uncommitted, self.last = 0, time.monotonic()
 
 
 def _timed_commit(library: Library, stats: PipelineStats) -> None:
