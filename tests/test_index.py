@@ -96,6 +96,10 @@ def test_a_video_whose_frames_run_out_early_is_indexed_and_told(tmp_path, make_v
     assert "of the 10.0 s its file states (truncated or damaged?)" in summary.cut_short[0][1]
     assert summary.to_json()["cut_short"] == [{"path": str(cut), "reason": summary.cut_short[0][1]}]
     assert sorted(told) == [("cut.mkv", summary.cut_short[0][1]), ("whole.mkv", "")]
+    # its length and the moments found in it end where its frames do, not at the duration it states
+    row = library.get_by_path(str(cut.resolve()))
+    assert row.duration == row.frame_times[-1] < 6.0
+    assert library.get_by_path(str((tmp_path / "v" / "whole.mkv").resolve())).duration == pytest.approx(10.0, abs=0.2)
 
 
 def test_first_index_of_a_messy_folder(tmp_path, make_video, make_broken_files, library, model):
@@ -302,6 +306,19 @@ def test_copies_found_in_one_run_are_embedded_once(tmp_path, make_video, make_br
     frames = library.frame_features(ids)
     assert len(ids) == 3 and all(np.array_equal(frames[ids[0]], frames[i]) for i in ids)
     assert library.stats().videos_ok == 3 and len(library.global_vectors()[0]) == 3
+
+
+def test_a_renamed_folder_of_identical_files_moves_each_of_them(tmp_path, make_video, library, model):
+    """Two identical files in a folder that is then renamed: both rows move to the new name (none is left behind
+    at the old one, where it would show as a result that is not there)."""
+    make_video("R/a.mp4", seconds=1)
+    shutil.copy2(tmp_path / "R" / "a.mp4", tmp_path / "R" / "b.mp4")
+    index(library, model, tmp_path / "R")
+    before = sorted(row.id for row in library.videos(library.ids_under(tmp_path / "R")).values())
+    (tmp_path / "R").rename(tmp_path / "S")
+    summary = index(library, model, tmp_path / "S")
+    assert (summary.indexed, summary.moved, summary.vacated_folders) == (0, 2, [str((tmp_path / "R").resolve())])
+    assert library.ids_under(tmp_path / "R") == [] and sorted(library.ids_under(tmp_path / "S")) == before
 
 
 def test_a_copy_whose_original_vanished_mid_run_is_embedded_itself(tmp_path, make_video, library, model):

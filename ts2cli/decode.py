@@ -75,6 +75,12 @@ class SampledVideo:
     height: int
     cut_short: bool = False  # the frames ran out well before ``duration``, which the container states for sure
 
+    @property
+    def playable_seconds(self) -> float:
+        """How long the video plays: its duration, or up to its last frame when the frames ran out early (a
+        truncated download states the whole file's duration but plays only what it holds)."""
+        return self.times[-1] if self.cut_short and self.times else self.duration
+
 
 @dataclass
 class _Pick:

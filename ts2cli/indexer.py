@@ -351,7 +351,7 @@ def index_folders(
     linked: dict[Path, dict[Path, Path]] = {}
     found = scan_videos(roots, linked=linked, rules=rules)
     copies: list[_Work] = []
-    todo = list(_plan(library, _counted(found, progress), options, summary, copies))
+    todo = _plan(library, _counted(found, progress), options, summary, copies)
     library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
     library.remember_rules(rules)
     library.commit()
@@ -477,9 +477,11 @@ def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
 
 def _plan(
     library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary, copies: list[_Work]
-) -> Iterator[_Work]:
-    """Decide per file: unchanged (skip), moved or copied (reuse features), or to embed. A file with the same
+) -> list[_Work]:
+    """The files to embed. Decides per file, and records in the library and ``summary`` as it goes: unchanged
+    (marked seen), moved or copied (features reused), unreadable (a failure), or to embed. A file with the same
     content as one already planned goes to ``copies``: it takes that one's features once they exist."""
+    todo: list[_Work] = []
     planned: set[tuple[str, int]] = set()
     for path in files:
         if not storable_path(path):  # reported, not recorded: the library cannot hold its name
@@ -520,7 +522,8 @@ def _plan(
             copies.append(work)
         else:
             planned.add((digest, stat.st_size))
-            yield work
+            todo.append(work)
+    return todo
 
 
 def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSummary) -> list[_Work]:
@@ -541,13 +544,15 @@ def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSu
 def _reuse_same_content(library: Library, work: _Work, twins: list[VideoRow]) -> bool:
     """A renamed or moved file keeps its features (and its id); a copy gets a copy of them. ``twins``: the
     library's rows with the file's fingerprint and size."""
+    twins = [twin for twin in twins if twin.status == "ok"]
     for twin in twins:
-        if twin.status != "ok":
-            continue
-        # gone, or now a way to this very file (a folder on its path became a symlink): moved, not copied
+        # gone, or now a way to this very file (a folder on its path became a symlink): moved, not copied. Looked
+        # for first: of two identical files in a renamed folder, the second is the other one moved, not a copy of
+        # the first in its new place.
         if not Path(twin.path).exists() or stored_form(twin.path) == work.path:
             library.move(twin.id, str(work.path), work.mtime)
             return True
+    for twin in twins:
         frames = library.frame_features([twin.id]).get(twin.id)
         if frames is None:
             continue
@@ -694,7 +699,7 @@ def _store_batch(
             size=work.size,
             mtime=work.mtime,
             fingerprint=work.fingerprint,
-            duration=video.duration,
+            duration=video.playable_seconds,
             width=video.width,
             height=video.height,
             frame_times=video.times[: len(frames)],
