@@ -372,6 +372,49 @@ def test_other_model_is_refused_unless_rebuild(tmp_path, make_video, library, mo
     assert (again.indexed, again.unchanged, again.removed) == (1, 0, 0)
 
 
+def test_a_stopped_rebuild_leaves_the_library_as_it_was_and_goes_on_when_run_again(
+    tmp_path, make_video, library, model
+):
+    """A rebuild with another model builds the new library beside the old one: stopped half way, the old library is
+    whole and searchable (its model, videos and folders); run again, the rebuild goes on from where it stopped and
+    then takes the old one's place, with ids the old library never handed out."""
+    for seed in range(4):
+        make_video(f"v/{seed}.mp4", seconds=1, texture=True, seed=seed)
+    make_video("w/x.mp4", seconds=1, texture=True, seed=9)
+    index(library, model, tmp_path / "v", tmp_path / "w")
+    before = library.stats()
+    old_ids = set(library.ids_under(tmp_path))
+    other = load_model(ModelOptions(pretrained=None, backbone_cfg=TINY_CLIP, device="cpu", frames=8))
+
+    class StoppedAfterTwo(Progress):
+        def __init__(self) -> None:
+            self.indexed = 0
+
+        def done(self, path: Path, outcome: str, reason: str = "") -> None:
+            self.indexed += outcome == "indexed"
+            if self.indexed == 2:
+                raise KeyboardInterrupt
+
+    options = IndexOptions(roots=[tmp_path / "v"], rebuild=True, workers=1, batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        index_folders(library, other, options, StoppedAfterTwo())
+    with Library.open(library.directory) as reader:
+        stats = reader.stats()
+        assert (stats.videos_ok, stats.folders, stats.model) == (5, before.folders, before.model)
+        assert stats.rebuild_unfinished and reader.knn(np.ones(reader.global_vectors()[1].shape[1]), 5)[0].size == 5
+
+    again = index_folders(library, other, options)
+    assert (again.indexed, again.unchanged, again.removed) == (2, 2, 5 - 4)  # w's video: forgotten
+    stats = library.stats()
+    assert stats.model["frames"] == 8 and stats.videos_ok == 4 and not stats.rebuild_unfinished
+    assert stats.folders == [(str((tmp_path / "v").resolve()), 4)]
+    new_ids = set(library.ids_under(tmp_path))
+    assert min(new_ids) > max(old_ids) and not (library.directory / "rebuild").exists()
+    assert set(library.knn(np.ones(library.global_vectors()[1].shape[1]), 10)[0].tolist()) == new_ids
+    with Library.open(library.directory) as reader:  # a reader rebuilds its index from the new vectors too
+        assert set(reader.knn(np.ones(reader.global_vectors()[1].shape[1]), 10)[0].tolist()) == new_ids
+
+
 def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
     make_video("v/gone.mp4", seconds=1, texture=True, seed=1)

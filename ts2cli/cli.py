@@ -217,7 +217,9 @@ def index_command(
     workers: Annotated[
         int | None, typer.Option("--workers", metavar="N", min=1, help="Decoding threads (default: auto).")
     ] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Forget the library's videos and re-index.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Re-index into a new library that replaces this one when done.")
+    ] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try unchanged failed files again.")] = False,
     wait: WaitSeconds = 0.0,
     commit_every: Annotated[int, typer.Option("--commit-every", min=1, hidden=True)] = 16,
@@ -276,7 +278,12 @@ def index_command(
     first = load_named() if roots and not Library.exists(library) else None
     # Naming no folder updates an existing library: it does not create one.
     with Library.open(library, write=True, create=bool(roots), wait=wait, on_wait=waiting_note(wait)) as lib:
-        on_interrupt("Interrupted; the videos indexed so far are kept: run the command again to go on.")
+        on_interrupt(
+            "Interrupted; the library is as it was, and the rebuild so far is kept: run the same command again to go "
+            "on."
+            if rebuild
+            else "Interrupted; the videos indexed so far are kept: run the command again to go on."
+        )
         named = model or pretrained or checkpoint or compat or topk
         request = model_request(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, checkpoint, compat, topk)
         if first is not None:

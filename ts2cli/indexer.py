@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,10 +33,10 @@ from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
 from .errors import Ts2Error
-from .model_record import MODEL_SOURCE_KEY
+from .model_record import MODEL_SOURCE_KEY, same_model
 from .scan import ScanRules, check_roots, file_digest, fingerprint_and_stat, scan_videos
 from .search import global_vector
-from .store import Library, VideoRow, printable_path, storable_path
+from .store import REBUILD_DIR, Library, VideoRow, printable_path, storable_path
 
 if TYPE_CHECKING:  # torch and the model are imported only when a video is to be embedded (``ModelOnDemand``)
     import torch
@@ -332,16 +333,18 @@ def library_model(library: Library, device: str = "auto", precision: str = "auto
 def index_folders(
     library: Library, model: LoadedModel | ModelOnDemand, options: IndexOptions, progress: Progress | None = None
 ) -> IndexSummary:
-    """Bring the library up to date with the video files under ``options.roots``."""
+    """Bring the library up to date with the video files under ``options.roots`` (``options.rebuild``: build it
+    anew from them, see ``_rebuild``)."""
     started = time.perf_counter()
     progress = progress or Progress()
+    source = model if isinstance(model, ModelOnDemand) else ModelOnDemand(lambda: model)
+    if options.rebuild:
+        return _rebuild(library, source, options, progress)
     summary = IndexSummary()
     rules = _folders_to_scan(library, options, summary)
     roots = list(rules)
-    source = model if isinstance(model, ModelOnDemand) else ModelOnDemand(lambda: model)
-    held_before = library.paths() if options.rebuild else set()  # a rebuild forgets them all, other folders' too
-    if options.rebuild or not source.recorded_in(library):
-        _adopt_model(library, source, options.rebuild, progress)
+    if not source.recorded_in(library):
+        _adopt_model(library, source, progress)
     aliases = _aliases(library, roots)
     absent = _absent_folders_with_videos(library, [*roots, *aliases])
     # Paths are stored resolved: videos reached through symlinks lie outside the roots, and are swept with them.
@@ -357,7 +360,7 @@ def index_folders(
     library.commit()
     if todo and not source.loaded:
         progress.stage("loading the model")
-        _adopt_model(library, source, False, progress)
+        _adopt_model(library, source, progress)
     progress.planned(len(todo))
     if todo:
         _embed_all(library, source.get(), todo, options, summary, progress)
@@ -367,7 +370,7 @@ def index_folders(
     # these roots, or a folder around them) is that root's to keep or drop: only a scan of that root removes it.
     library.keep_present(others)
     removed = library.sweep_unseen([*roots, *aliases]) + library.sweep_unseen(linked_before, spare=others)
-    summary.removed = len(set(removed) | (held_before - library.paths()))
+    summary.removed = len(removed)
     library.remember_links(linked)
     vacated = [root for root, also in absent.items() if not library.count_under(root, also=also)]
     summary.vacated_folders = [str(root) for root in vacated]
@@ -457,11 +460,40 @@ def stored_form(place: str | os.PathLike[str]) -> Path:
     return Path(place).expanduser().resolve()
 
 
-def _adopt_model(library: Library, source: ModelOnDemand, rebuild: bool, progress: Progress) -> None:
+def _rebuild(library: Library, source: ModelOnDemand, options: IndexOptions, progress: Progress) -> IndexSummary:
+    """``--rebuild``: index the folders into a new library inside this one (``REBUILD_DIR``), then let it take this
+    one's place in one transaction. Until then the library stays as it was, searchable, also if the run stops; run
+    again with the same model, the rebuild goes on where it stopped. Other folders' videos are forgotten: they
+    were embedded by the old model."""
+    started = time.perf_counter()
+    rules = _folders_to_scan(library, options, IndexSummary())  # refuses to forget the videos of absent folders
+    held_before = library.paths()
+    staged_dir = library.directory / REBUILD_DIR
+    with Library.open(staged_dir, write=True, create=True) as staged:
+        identity = source.get().identity
+        if (stored := staged.model_config()) is not None and not same_model(stored, identity):
+            staged.check_model(identity, rebuild=True)  # stopped with another model: start again
+        if not options.roots:  # the library's folders, each with its own rules
+            staged.remember_links({root: {} for root in rules}, keep_old=True)
+            staged.remember_rules(rules)
+        staged.commit()
+        summary = index_folders(staged, source, replace(options, rebuild=False), progress)
+    library.take_over(staged_dir)
+    with contextlib.suppress(OSError):  # written for the same model: no need to export it again
+        os.replace(staged_dir / text_encoder.FILE_NAME, text_encoder.path_for(library))
+    _adopt_model(library, source, progress)
+    library.save_ann()
+    shutil.rmtree(staged_dir, ignore_errors=True)
+    summary.removed = len(held_before - library.paths())
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _adopt_model(library: Library, source: ModelOnDemand, progress: Progress) -> None:
     """Load the model, check it against the library's record (a new library adopts it), write its text encoder
     copy, and remember what it was loaded from."""
     model = source.get()
-    library.check_model(model.identity, rebuild=rebuild)
+    library.check_model(model.identity)
     if text_encoder.writable(model) and not text_encoder.is_current(library):
         progress.stage("writing the text encoder for ts2 search")
         text_encoder.save_text_encoder(library, model)  # what lets `ts2 search` answer without torch

@@ -83,6 +83,7 @@ def status_json(stats: Any) -> dict[str, Any]:
         "duration": round(stats.video_seconds, 1),
         "last_indexed": _iso_utc(stats.last_indexed),
         "folders": [_folder_json(root, videos, stats.folder_rules.get(root)) for root, videos in stats.folders],
+        "rebuild_unfinished": stats.rebuild_unfinished,
     }
 
 
@@ -136,6 +137,12 @@ def status_table(status: dict[str, Any]) -> Table:
         gone = [] if folder["present"] else ["[yellow]not found[/yellow]"]
         details = ", ".join([videos, *gone, *rules])
         table.add_row("folders" if number == 0 else "", f"{shown(folder['path'])} ({details})")
+    if status["rebuild_unfinished"]:
+        table.add_row(
+            "rebuild",
+            "[yellow]stopped before it finished[/yellow]: the library is as it was until `ts2 index --rebuild` "
+            "(with the same folders and model) runs to the end",
+        )
     table.add_row("size", decimal(status["bytes"]))
     if status["last_indexed"]:
         local = datetime.fromisoformat(status["last_indexed"]).astimezone()

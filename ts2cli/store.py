@@ -43,6 +43,8 @@ SCHEMA_VERSION = 1
 
 DB_FILE = "library.sqlite3"
 LOCK_FILE = "lock"
+REBUILD_DIR = "rebuild"
+"""Inside a library: the library a ``ts2 index --rebuild`` builds, until it takes the old one's place."""
 
 _SQL_CHUNK = 900  # stays under SQLite's historic 999 bound-parameter limit
 _REBUILD_CHUNK = 8192
@@ -97,6 +99,8 @@ class LibraryStats:
     """The roots ``ts2 index`` has scanned (folders or single files), sorted, with their indexed videos."""
     folder_rules: dict[str, ScanRules | None] = field(default_factory=dict)
     """Per root of ``folders``, the rules it was last scanned with (``Library.folder_rules``)."""
+    rebuild_unfinished: bool = False
+    """Whether a ``ts2 index --rebuild`` stopped before it took the library's place (``REBUILD_DIR``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,9 @@ _CHANGE_LOG = (
     # removed video's row says that it went away).
     "CREATE TABLE IF NOT EXISTS vector_changes (video_id INTEGER PRIMARY KEY, generation INTEGER NOT NULL)",
 )
+
+# What a finished --rebuild brings over besides the videos (``Library.take_over``).
+_TAKEN_OVER = ("model", "model_request", "linked_folders", "link_paths", "folder_rules")
 
 # MIGRATIONS[v] upgrades a schema-v database to v+1 inside the open transaction.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
@@ -430,6 +437,43 @@ class Library:
             self._set_meta("model", canonical_json(config))
             self._pending.clear()
             self._pending_reset = True
+
+    def take_over(self, staged: Path) -> None:
+        """Replace this library's videos, vectors, model and folder records with those of the library at ``staged``
+        (a finished ``--rebuild``, closed), in one transaction: a search sees the old library or the new one, never
+        a mix of the two models' vectors. The staged ids are shifted past every id this library has handed out, so
+        that an id an older search still holds never names another video."""
+        self.commit()
+        self._conn.execute("ATTACH DATABASE ? AS staged", (f"{(staged / DB_FILE).as_uri()}?mode=ro",))
+        try:
+            with self._write_step():
+                (shift,) = self._conn.execute(
+                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'videos'), 0)"
+                ).fetchone()
+                self._conn.execute("DELETE FROM features")
+                self._conn.execute("DELETE FROM videos")
+                columns = _VIDEO_COLUMNS.removeprefix("id, ")
+                self._conn.execute(
+                    f"INSERT INTO videos (id, {columns}) SELECT id + ?, {columns} FROM staged.videos", (shift,)
+                )
+                self._conn.execute(
+                    "INSERT INTO features (video_id, global, frames) "
+                    "SELECT video_id + ?, global, frames FROM staged.features",
+                    (shift,),
+                )
+                self._conn.execute(f"DELETE FROM meta WHERE key IN ({_marks(len(_TAKEN_OVER))})", _TAKEN_OVER)
+                self._conn.execute(
+                    f"INSERT INTO meta (key, value) SELECT key, value FROM staged.meta "
+                    f"WHERE key IN ({_marks(len(_TAKEN_OVER))})",
+                    _TAKEN_OVER,
+                )
+                self._pending.clear()
+                self._pending_reset = True  # no saved ANN index can be brought up to date across this
+            self.commit()
+        finally:
+            self.rollback()
+            self._conn.execute("DETACH DATABASE staged")
+        self._ann, self._ann_gen, self._ann_count = None, None, 0  # built from the new vectors when next needed
 
     # ------------------------------------------------------------------ scanning (mark and sweep)
 
@@ -1145,6 +1189,7 @@ class Library:
             last_indexed=last_indexed,
             folders=folders,
             folder_rules=rules,
+            rebuild_unfinished=(self.directory / REBUILD_DIR / DB_FILE).is_file(),
         )
 
 
