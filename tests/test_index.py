@@ -509,6 +509,26 @@ def test_naming_no_folder_updates_each_folder_with_its_own_rules(tmp_path, make_
     assert index(library, model).folders == [a]
 
 
+def test_a_folder_named_again_keeps_the_rules_it_was_indexed_with_unless_told(tmp_path, make_video, library, model):
+    """``ts2 index ~/Videos --exclude 'drafts/*'``, later ``ts2 index ~/Videos``: the drafts stay out. Rules named
+    replace the recorded ones one by one (an empty exclude, ``--no-exclude``, drops the globs)."""
+    make_video("a/one.mp4", seconds=1)
+    make_video("a/drafts/draft.mp4", seconds=1, texture=True, seed=1)
+    make_video("a/.private/p.mp4", seconds=1, texture=True, seed=2)
+    a = (tmp_path / "a").resolve()
+    index(library, model, a, exclude=("drafts/*",), include_hidden=True)
+    assert library.paths() == {f"{a}/one.mp4", f"{a}/.private/p.mp4"}
+    again = index(library, model, a)
+    assert (again.indexed, again.unchanged) == (0, 2)
+    assert library.stats().folder_rules == {str(a): ScanRules(("drafts/*",), True)}
+    index(library, model, a, include_hidden=False)  # the globs kept, hidden files dropped
+    assert library.paths() == {f"{a}/one.mp4"}
+    assert library.stats().folder_rules == {str(a): ScanRules(("drafts/*",), False)}
+    index(library, model, a, exclude=())  # --no-exclude
+    assert library.paths() == {f"{a}/one.mp4", f"{a}/drafts/draft.mp4"}
+    assert library.stats().folder_rules == {str(a): ScanRules((), False)}
+
+
 def updated_paths(a: str, b: str) -> set[str]:
     return {f"{a}/new.mp4", f"{b}/.h/two.mp4", f"{b}/.h/new.mp4"}
 
@@ -806,7 +826,8 @@ def test_index_without_model_options_uses_the_librarys_model(tmp_path, tiny_file
 
     cli = [sys.executable, "-m", "ts2cli", "index", "--library"]
     for arguments, message in (
-        ([str(library), "--exclude", "*.mp4"], "--exclude and --hidden go with the folders they apply to"),
+        ([str(library), "--no-hidden"], "--exclude, --no-exclude and --hidden go with the folders they apply to"),
+        ([str(library), str(tmp_path / "v"), "--exclude", "x", "--no-exclude"], "contradict each other"),
         ([str(tmp_path / "no library")], "No library at"),
     ):
         refused = subprocess.run([*cli, *arguments], capture_output=True, text=True)

@@ -208,9 +208,24 @@ def index_command(
     ] = None,
     library: LibraryDir = None,
     exclude: Annotated[
-        list[str], typer.Option("--exclude", metavar="GLOB", help="Skip files or folders matching this glob.")
+        list[str],
+        typer.Option(
+            "--exclude",
+            metavar="GLOB",
+            help="Skip files or folders matching this glob (default: the globs a folder was last indexed with).",
+        ),
     ] = [],  # noqa: B006
-    hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
+    no_exclude: Annotated[
+        bool, typer.Option("--no-exclude", help="Drop the --exclude globs the folders were last indexed with.")
+    ] = False,
+    hidden: Annotated[
+        bool | None,
+        typer.Option(
+            "--hidden/--no-hidden",
+            help="Also index hidden files and folders, or not (default: as a folder was last indexed).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", metavar="N", min=1, help="Videos per model batch (default: auto).")
     ] = None,
@@ -249,18 +264,20 @@ def index_command(
 
     model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)  # now: it may never be loaded
     folders = folders or []
-    if not folders and (exclude or hidden):
+    if not folders and (exclude or no_exclude or hidden is not None):
         raise Ts2Error(
-            "--exclude and --hidden go with the folders they apply to: name them (without folders, each of the "
-            "library's folders keeps the ones it was indexed with)."
+            "--exclude, --no-exclude and --hidden go with the folders they apply to: name them (without folders, "
+            "each of the library's folders keeps the ones it was indexed with)."
         )
+    if exclude and no_exclude:
+        raise Ts2Error("--exclude and --no-exclude contradict each other: give one of them.")
     try:
         roots = check_roots(folders)
     except Ts2Error as error:
         raise Ts2Error(f"{error}{gone_root_hint(library, folders)}") from None
     options = IndexOptions(
         roots=roots,
-        exclude=tuple(exclude),
+        exclude=tuple(exclude) if exclude or no_exclude else None,
         include_hidden=hidden,
         batch_size=batch_size,
         workers=workers,

@@ -49,8 +49,10 @@ class IndexOptions:
     roots: list[Path]
     """Folders (or files) to index; none: every folder the library covers, each with its recorded rules
     (``Library.folder_rules``)."""
-    exclude: tuple[str, ...] = ()
-    include_hidden: bool = False
+    exclude: tuple[str, ...] | None = None
+    """Globs of files and folders to skip in ``roots``; None: each root's recorded ones (none for a new root)."""
+    include_hidden: bool | None = None
+    """Whether to count hidden files and folders in ``roots``; None: as recorded for each root (no for a new one)."""
     batch_size: int | None = None
     """Videos per model batch; None picks for the device (``default_batch_size``)."""
     workers: int | None = None
@@ -394,8 +396,8 @@ def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSumm
     those they were last scanned with. A folder of the library that is not there now (an unplugged drive) or whose
     rules were never recorded is left alone, its videos kept, and listed in ``summary.skipped_folders``."""
     if options.roots:
-        named = ScanRules(tuple(options.exclude), options.include_hidden)
-        rules = dict.fromkeys(check_roots(options.roots), named)
+        recorded = library.folder_rules()
+        rules = {root: _rules_for(recorded.get(root), options) for root in check_roots(options.roots)}
     else:
         recorded = require_folders(library)
         usable = {root: rule for root, rule in recorded.items() if rule is not None and root.exists()}
@@ -414,6 +416,16 @@ def _folders_to_scan(library: Library, options: IndexOptions, summary: IndexSumm
             raise Ts2Error(f"None of the library's folders can be updated: {skipped}.")
     summary.folders = [str(root) for root in rules]
     return rules
+
+
+def _rules_for(recorded: ScanRules | None, options: IndexOptions) -> ScanRules:
+    """A named root's rules: what the options name, and for what they leave out what the root was last indexed
+    with (``ts2 index ~/Videos`` again keeps its --exclude globs)."""
+    recorded = recorded or ScanRules()
+    return ScanRules(
+        recorded.exclude if options.exclude is None else tuple(options.exclude),
+        recorded.include_hidden if options.include_hidden is None else options.include_hidden,
+    )
 
 
 def _aliases(library: Library, roots: list[Path]) -> list[Path]:
