@@ -538,9 +538,15 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(tmp_path,
     make_video("v/good.mp4", seconds=1)
     odd = os.fsdecode(os.fsencode(tmp_path / "v") + b"/bad\xffname.mp4")
     shutil.copyfile(tmp_path / "v" / "good.mp4", odd)
-    summary = index(library, model, tmp_path / "v")
+    told: list[tuple[str, str]] = []
+
+    class Listening(Progress):
+        def skipped(self, path: str, reason: str) -> None:
+            told.append((path, reason))
+
+    summary = index_folders(library, model, IndexOptions(roots=[tmp_path / "v"]), Listening())
     assert summary.indexed == 1
-    assert summary.failed == [
+    assert summary.failed == told == [  # told as it is found, as the files that fail to decode are
         (f"{tmp_path / 'v'}/bad\ufffdname.mp4", "the file name is not valid UTF-8 (rename it to index it)")
     ]
     assert json.dumps(summary.to_json())  # printable as --json

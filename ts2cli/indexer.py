@@ -207,6 +207,9 @@ class Progress:
         """One video is through: ``outcome`` "indexed" (``reason``, if any, what was wrong with it), "failed"
         (``reason`` says why) or "gone"."""
 
+    def skipped(self, path: str, reason: str) -> None:
+        """A file found that fails before it is planned (unreadable, a name the library cannot hold)."""
+
 
 ANN_SAVE_INTERVAL_S = 300.0
 KEYFRAME_SNAP = 0.25
@@ -356,7 +359,7 @@ def index_folders(
     linked: dict[Path, dict[Path, Path]] = {}
     found = scan_videos(roots, linked=linked, rules=rules)
     copies: list[_Work] = []
-    todo = _plan(library, _counted(found, progress), options, summary, copies)
+    todo = _plan(library, _counted(found, progress), options, summary, copies, progress)
     library.remember_links(linked, keep_old=True)  # an interrupted run must not forget what it has to sweep
     library.remember_rules(rules)
     library.commit()
@@ -366,7 +369,7 @@ def index_folders(
     progress.planned(len(todo))
     if todo:
         _embed_all(library, source.get(), todo, options, summary, progress)
-    if orphans := _take_from_originals(library, copies, summary):
+    if orphans := _take_from_originals(library, copies, summary, progress):
         _embed_all(library, source.get(), orphans, options, summary, progress)
     # A file still there under another root of the library (a hidden or excluded folder indexed by name inside
     # these roots, or a folder around them) is that root's to keep or drop: only a scan of that root removes it.
@@ -520,7 +523,12 @@ def _counted(files: Iterable[Path], progress: Progress) -> Iterator[Path]:
 
 
 def _plan(
-    library: Library, files: Iterable[Path], options: IndexOptions, summary: IndexSummary, copies: list[_Work]
+    library: Library,
+    files: Iterable[Path],
+    options: IndexOptions,
+    summary: IndexSummary,
+    copies: list[_Work],
+    progress: Progress,
 ) -> list[_Work]:
     """The files to embed. Decides per file, and records in the library and ``summary`` as it goes: unchanged
     (marked seen), moved or copied (features reused), unreadable (a failure), or to embed. A file with the same
@@ -529,7 +537,9 @@ def _plan(
     planned: set[tuple[str, int]] = set()
     for path in files:
         if not storable_path(path):  # reported, not recorded: the library cannot hold its name
-            summary.failed.append((printable_path(path), "the file name is not valid UTF-8 (rename it to index it)"))
+            unnamed = (printable_path(path), "the file name is not valid UTF-8 (rename it to index it)")
+            summary.failed.append(unnamed)
+            progress.skipped(*unnamed)
             continue
         try:
             stat = path.stat()
@@ -537,6 +547,7 @@ def _plan(
             continue  # deleted since the scan found it: unseen, so its row (if any) is swept
         except OSError as error:
             _record_failure(library, summary, path, 0, 0.0, None, f"cannot read file: {error.strerror}")
+            progress.skipped(str(path), summary.failed[-1][1])
             continue
         row = library.get_by_path(str(path))
         unchanged = row is not None and row.size == stat.st_size and row.mtime == stat.st_mtime
@@ -554,6 +565,7 @@ def _plan(
             continue
         except OSError as error:
             _record_failure(library, summary, path, stat.st_size, stat.st_mtime, None, _os_reason(error))
+            progress.skipped(str(path), summary.failed[-1][1])
             continue
         if row is not None and row.status == "ok" and row.fingerprint == digest:
             library.move(row.id, str(path), stat.st_mtime)  # touched, same content: keep features
@@ -570,7 +582,9 @@ def _plan(
     return todo
 
 
-def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSummary) -> list[_Work]:
+def _take_from_originals(
+    library: Library, copies: list[_Work], summary: IndexSummary, progress: Progress
+) -> list[_Work]:
     """Give each copy of a file embedded in this run that file's features, or its failure (the same bytes fail
     the same way); returns the copies whose original left neither (it vanished mid-run), to be embedded."""
     orphans = []
@@ -580,6 +594,7 @@ def _take_from_originals(library: Library, copies: list[_Work], summary: IndexSu
             summary.moved += 1
         elif failed := [twin for twin in twins if twin.error]:
             _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, failed[0].error)
+            progress.skipped(str(work.path), failed[0].error or "failed")
         else:
             orphans.append(work)
     return orphans

@@ -124,6 +124,9 @@ class IndexProgressBar(LiveBar, IndexProgress):
         elif reason:
             self._progress.console.print(f"[yellow]note:[/yellow] {shown(str(path))}: {shown(reason)}")
 
+    def skipped(self, path: str, reason: str) -> None:
+        self._progress.console.print(f"[yellow]skipped[/yellow] {shown(path)}: {shown(reason)}")  # --json too
+
 
 class ResearchProgress(LiveBar):
     """Rich progress for both commands: decoding/encoding counts, then training steps with loss and lr."""
