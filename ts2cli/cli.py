@@ -360,7 +360,8 @@ def gone_root_hint(library: str | None, folders: list[str]) -> str:
     if not held:
         return ""
     total = sum(counts.values())
-    return f"; the library still holds {counted(total, 'video')} from there: `ts2 forget {' '.join(held)}` removes them"
+    command, them = f"ts2 forget {' '.join(held)}", "it" if total == 1 else "them"
+    return f"; the library still holds {counted(total, 'video')} from there: `{command}` removes {them}"
 
 
 @app.command("forget", short_help="Remove a gone folder's videos from the library.")
