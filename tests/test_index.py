@@ -415,6 +415,24 @@ def test_a_stopped_rebuild_leaves_the_library_as_it_was_and_goes_on_when_run_aga
         assert set(reader.knn(np.ones(reader.global_vectors()[1].shape[1]), 10)[0].tolist()) == new_ids
 
 
+def test_a_rebuild_of_other_folders_does_not_take_what_a_stopped_one_did(tmp_path, make_video, library, model):
+    """A rebuild of v stopped half way, then one of w: the library ends up with w's videos only, and a damaged
+    unfinished rebuild is begun again rather than refused."""
+    make_video("v/a.mp4", seconds=1)
+    make_video("w/b.mp4", seconds=1, texture=True, seed=1)
+    index(library, model, tmp_path / "v", tmp_path / "w")
+    staged = library.directory / "rebuild"
+    with Library.open(staged, write=True, create=True) as unfinished:  # as a rebuild of v leaves it
+        index(unfinished, model, tmp_path / "v")
+    rebuilt = index(library, model, tmp_path / "w", rebuild=True)
+    assert (rebuilt.indexed, rebuilt.removed) == (1, 1) and library.paths() == {str((tmp_path / "w/b.mp4").resolve())}
+    assert library.stats().folders == [(str((tmp_path / "w").resolve()), 1)]
+
+    staged.mkdir()
+    (staged / "library.sqlite3").write_bytes(b"not a database")
+    assert index(library, model, tmp_path / "w", rebuild=True).indexed == 1 and not staged.exists()
+
+
 def test_a_rebuild_counts_the_videos_of_other_folders_it_forgets(tmp_path, make_video, library, model):
     make_video("v/a.mp4", seconds=1)
     make_video("v/gone.mp4", seconds=1, texture=True, seed=1)
@@ -546,9 +564,13 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_the_rest_indexed(tmp_path,
 
     summary = index_folders(library, model, IndexOptions(roots=[tmp_path / "v"]), Listening())
     assert summary.indexed == 1
-    assert summary.failed == told == [  # told as it is found, as the files that fail to decode are
-        (f"{tmp_path / 'v'}/bad\ufffdname.mp4", "the file name is not valid UTF-8 (rename it to index it)")
-    ]
+    assert (
+        summary.failed
+        == told
+        == [  # told as it is found, as the files that fail to decode are
+            (f"{tmp_path / 'v'}/bad\ufffdname.mp4", "the file name is not valid UTF-8 (rename it to index it)")
+        ]
+    )
     assert json.dumps(summary.to_json())  # printable as --json
     assert index(library, model, tmp_path / "v").unchanged == 1  # and again, without a row for it
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import text_encoder
 from .cores import available_cores
 from .decode import SampledVideo, decode_ahead, sample_frames
-from .errors import Ts2Error
+from .errors import LibraryError, Ts2Error
 from .model_record import MODEL_SOURCE_KEY, same_model
 from .scan import ScanRules, check_roots, file_digest, fingerprint_and_stat, scan_videos
 from .search import global_vector
@@ -484,10 +484,13 @@ def _rebuild(library: Library, source: ModelOnDemand, options: IndexOptions, pro
     rules = _folders_to_scan(library, options, IndexSummary())  # refuses to forget the videos of absent folders
     held_before = library.paths()
     staged_dir = library.directory / REBUILD_DIR
-    with Library.open(staged_dir, write=True, create=True) as staged:
+    with _staged_library(staged_dir) as staged:
         identity = source.get().identity
         if (stored := staged.model_config()) is not None and not same_model(stored, identity):
             staged.check_model(identity, rebuild=True)  # stopped with another model: start again
+        # A stopped rebuild of other folders: what it did there is not asked for now.
+        if others := [root for root in staged.folder_rules() if root not in rules]:
+            forget(staged, others)
         if not options.roots:  # the library's folders, each with its own rules
             staged.remember_links({root: {} for root in rules}, keep_old=True)
             staged.remember_rules(rules)
@@ -502,6 +505,16 @@ def _rebuild(library: Library, source: ModelOnDemand, options: IndexOptions, pro
     summary.removed = len(held_before - library.paths())
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _staged_library(directory: Path) -> Library:
+    """The library a rebuild builds; one that cannot be read (damaged by a crash, written by a newer ts2) is only
+    an unfinished rebuild, thrown away and begun again."""
+    try:
+        return Library.open(directory, write=True, create=True)
+    except LibraryError:
+        shutil.rmtree(directory, ignore_errors=True)
+        return Library.open(directory, write=True, create=True)
 
 
 def _adopt_model(library: Library, source: ModelOnDemand, progress: Progress) -> None:
