@@ -10,6 +10,7 @@ from ts2cli.errors import Ts2Error
 from ts2cli.scan import (
     VIDEO_EXTENSIONS,
     ScanRules,
+    check_globs,
     check_roots,
     file_digest,
     fingerprint,
@@ -83,6 +84,15 @@ def test_exclude_by_name_and_relative_path(tmp_path: Path) -> None:
         "render.tmp.mp4",
         "final/drafts.mp4",
     ]
+
+
+def test_an_absolute_exclude_glob_is_refused_with_the_glob_it_stands_for(tmp_path: Path) -> None:
+    root = tmp_path.resolve()
+    check_globs(["drafts/*", "*.tmp.mp4"], [root])
+    with pytest.raises(Ts2Error, match=r"--exclude .*/drafts/2.mp4: globs are matched inside .*'drafts/2.mp4'"):
+        check_globs([str(root / "drafts" / "2.mp4")], [root])
+    with pytest.raises(Ts2Error, match=r"such as 'drafts/\*'\.$"):  # outside every folder: no glob to suggest
+        check_globs(["/elsewhere/x.mp4"], [root])
 
 
 def test_each_root_may_have_rules_of_its_own(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ def index_command(
     )
     from .progress import IndexProgressBar
     from .report import summary_table
-    from .scan import check_roots
+    from .scan import check_globs, check_roots
     from .store import Library
 
     model, pretrained = unused_beside_checkpoint(model, pretrained, checkpoint)  # now: it may never be loaded
@@ -275,6 +275,7 @@ def index_command(
         roots = check_roots(folders)
     except Ts2Error as error:
         raise Ts2Error(f"{error}{gone_root_hint(library, folders)}") from None
+    check_globs(exclude, roots)
     options = IndexOptions(
         roots=roots,
         exclude=tuple(exclude) if exclude or no_exclude else None,

@@ -95,6 +95,21 @@ def check_roots(roots: Sequence[Path | str]) -> list[Path]:
     return checked
 
 
+def check_globs(globs: Sequence[str], roots: Sequence[Path]) -> None:
+    """Refuse an ``--exclude`` glob that is an absolute path: globs are matched inside each root, so it would
+    silently match nothing. The message gives the glob it stands for when it lies in one of ``roots``."""
+    for glob in globs:
+        if not os.path.isabs(glob):
+            continue
+        place = Path(os.path.abspath(glob))
+        inside = [root for root in roots if place.is_relative_to(root) and place != root]
+        instead = f" (here: --exclude '{place.relative_to(inside[0])}')" if inside else ""
+        raise Ts2Error(
+            f"--exclude {glob}: globs are matched inside the folders to index, by name or by path from the folder, "
+            f"such as 'drafts/*'{instead}."
+        )
+
+
 def scan_videos(
     roots: Sequence[Path | str],
     exclude: Sequence[str] = (),
