@@ -539,6 +539,8 @@ def test_a_folder_named_again_keeps_the_rules_it_was_indexed_with_unless_told(tm
     again = index(library, model, a)
     assert (again.indexed, again.unchanged) == (0, 2)
     assert library.stats().folder_rules == {str(a): ScanRules(("drafts/*",), True)}
+    assert index(library, model, a, rebuild=True).indexed == 2  # a rebuild of it too
+    assert library.stats().folder_rules == {str(a): ScanRules(("drafts/*",), True)}
     index(library, model, a, include_hidden=False)  # the globs kept, hidden files dropped
     assert library.paths() == {f"{a}/one.mp4"}
     assert library.stats().folder_rules == {str(a): ScanRules(("drafts/*",), False)}

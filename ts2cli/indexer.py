@@ -491,9 +491,9 @@ def _rebuild(library: Library, source: ModelOnDemand, options: IndexOptions, pro
         # A stopped rebuild of other folders: what it did there is not asked for now.
         if others := [root for root in staged.folder_rules() if root not in rules]:
             forget(staged, others)
-        if not options.roots:  # the library's folders, each with its own rules
-            staged.remember_links({root: {} for root in rules}, keep_old=True)
-            staged.remember_rules(rules)
+        # Each folder with the rules it is to be indexed with: those the command names, else the library's own.
+        staged.remember_links({root: {} for root in rules}, keep_old=True)
+        staged.remember_rules(rules)
         staged.commit()
         summary = index_folders(staged, source, replace(options, rebuild=False), progress)
     library.take_over(staged_dir)
