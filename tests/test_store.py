@@ -137,7 +137,7 @@ def test_model_config_check(libdir: Path, rng: np.random.Generator) -> None:
         other = {"name": "ViT-L-14/other", "frames": 4}
         with pytest.raises(LibraryError, match=r"ViT-B-32/test.*ViT-L-14/other.*--rebuild.*--library"):
             lib.check_model(other)
-        lib.check_model(other, rebuild=True)
+        lib.clear(other)
         assert lib.get_by_path("/videos/a.mp4") is None
         assert lib.ann() is None
         # A rebuilt library may hold vectors of another size.

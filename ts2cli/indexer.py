@@ -487,7 +487,7 @@ def _rebuild(library: Library, source: ModelOnDemand, options: IndexOptions, pro
     with _staged_library(staged_dir) as staged:
         identity = source.get().identity
         if (stored := staged.model_config()) is not None and not same_model(stored, identity):
-            staged.check_model(identity, rebuild=True)  # stopped with another model: start again
+            staged.clear(identity)  # stopped with another model: start again
         # A stopped rebuild of other folders: what it did there is not asked for now.
         if others := [root for root in staged.folder_rules() if root not in rules]:
             forget(staged, others)

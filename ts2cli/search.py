@@ -308,7 +308,7 @@ def gone_note(hits: list[Hit]) -> str | None:
 
 def require_searchable(library: Library) -> None:
     if library.count_ok() == 0:
-        if library.writer_running():  # a first run, or a --rebuild that has emptied it
+        if library.writer_running():  # a first run
             raise Ts2Error(
                 f"The library at {library.directory} has no indexed videos yet: a ts2 index is running on it; "
                 "search again once it has indexed some."

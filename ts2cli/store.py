@@ -401,15 +401,12 @@ class Library:
         with self._write_step():
             self._set_meta("model_request", json.dumps({"request": request, "model": self._meta("model")}))
 
-    def check_model(self, config: dict[str, Any], *, rebuild: bool = False) -> None:
+    def check_model(self, config: dict[str, Any]) -> None:
         """Make sure the library's vectors come from ``config``'s model.
 
-        A new library adopts ``config``. A different stored model is an error. ``rebuild`` empties the library (in
-        the current transaction) and adopts ``config``, whichever model it held.
+        A new library adopts ``config``. A different stored model is an error (``clear`` empties the library and
+        adopts another model).
         """
-        if rebuild:
-            self.clear(config)
-            return
         stored = self.model_config()
         if stored is not None and same_model(stored, config):
             if self.write and canonical_json(stored) != canonical_json(config):
@@ -426,7 +423,7 @@ class Library:
         )
 
     def clear(self, config: dict[str, Any]) -> None:
-        """Forget every video and vector and adopt ``config`` (e.g. ``--rebuild`` with the same model)."""
+        """Forget every video and vector and adopt ``config`` (a stopped ``--rebuild`` begun with another model)."""
         with self._write_step():
             self._conn.execute("DELETE FROM features")
             self._conn.execute("DELETE FROM videos")
