@@ -559,8 +559,7 @@ def _plan(
         except FileNotFoundError:
             continue  # deleted since the scan found it: unseen, so its row (if any) is swept
         except OSError as error:
-            _record_failure(library, summary, path, 0, 0.0, None, f"cannot read file: {error.strerror}")
-            progress.skipped(str(path), summary.failed[-1][1])
+            _record_skip(library, summary, progress, path, 0, 0.0, None, f"cannot read file: {error.strerror}")
             continue
         row = library.get_by_path(str(path))
         unchanged = row is not None and row.size == stat.st_size and row.mtime == stat.st_mtime
@@ -577,8 +576,7 @@ def _plan(
         except FileNotFoundError:
             continue
         except OSError as error:
-            _record_failure(library, summary, path, stat.st_size, stat.st_mtime, None, _os_reason(error))
-            progress.skipped(str(path), summary.failed[-1][1])
+            _record_skip(library, summary, progress, path, stat.st_size, stat.st_mtime, None, _os_reason(error))
             continue
         if row is not None and row.status == "ok" and row.fingerprint == digest:
             library.move(row.id, str(path), stat.st_mtime)  # touched, same content: keep features
@@ -605,9 +603,8 @@ def _take_from_originals(
         twins = library.find_by_fingerprint(work.fingerprint, work.size)
         if _reuse_same_content(library, work, twins):
             summary.moved += 1
-        elif failed := [twin for twin in twins if twin.error]:
-            _record_failure(library, summary, work.path, work.size, work.mtime, work.fingerprint, failed[0].error)
-            progress.skipped(str(work.path), failed[0].error or "failed")
+        elif reason := next((twin.error for twin in twins if twin.error), None):
+            _record_skip(library, summary, progress, work.path, work.size, work.mtime, work.fingerprint, reason)
         else:
             orphans.append(work)
     return orphans
@@ -897,6 +894,21 @@ def _record_failure(
 ) -> None:
     library.put_failure(str(path), size=size, mtime=mtime, fingerprint=digest, error=reason)
     summary.failed.append((str(path), reason))
+
+
+def _record_skip(
+    library: Library,
+    summary: IndexSummary,
+    progress: Progress,
+    path: Path,
+    size: int,
+    mtime: float,
+    digest: str | None,
+    reason: str,
+) -> None:
+    """``_record_failure`` for a file that fails before it is planned, told as it is found."""
+    _record_failure(library, summary, path, size, mtime, digest, reason)
+    progress.skipped(str(path), reason)
 
 
 def _os_reason(error: OSError) -> str:

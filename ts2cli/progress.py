@@ -119,13 +119,13 @@ class IndexProgressBar(LiveBar, IndexProgress):
         self._progress.update(task.id, info=f"{rate} videos/s")
         # Told on stderr with --json too (the bar is off then): stdout holds the document alone.
         if outcome == "failed":
-            because = f": {shown(reason)}" if reason else ""
-            self._progress.console.print(f"[yellow]skipped[/yellow] {shown(str(path))}{because}")
+            self.skipped(str(path), reason)
         elif reason:
             self._progress.console.print(f"[yellow]note:[/yellow] {shown(str(path))}: {shown(reason)}")
 
     def skipped(self, path: str, reason: str) -> None:
-        self._progress.console.print(f"[yellow]skipped[/yellow] {shown(path)}: {shown(reason)}")  # --json too
+        because = f": {shown(reason)}" if reason else ""
+        self._progress.console.print(f"[yellow]skipped[/yellow] {shown(path)}{because}")  # --json too
 
 
 class ResearchProgress(LiveBar):
