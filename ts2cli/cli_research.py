@@ -432,8 +432,8 @@ def _run_train(
         summary = train(model, train_set, options, eval_data=eval_set, data_name=name, progress=bar)
     if summary.resumed_from is not None and summary.resumed_from >= options.epochs:
         console.print(
-            f"[yellow]note:[/yellow] The run in {shown(str(options.out_dir))} was already complete ({options.epochs} "
-            f"epoch{'s' if options.epochs != 1 else ''}): nothing was trained or evaluated; below is its record.",
+            f"[yellow]note:[/yellow] The run in {shown(str(options.out_dir))} was already complete "
+            f"({counted(options.epochs, 'epoch')}): nothing was trained or evaluated; below is its record.",
             soft_wrap=True,
         )
     if as_json:
